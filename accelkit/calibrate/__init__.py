@@ -1,1 +1,153 @@
-"""accelkit.calibrate."""
+"""Calibration: run programs on calibration prompts, and cache what passes measure from them.
+
+Everything a pass measures (error priors, activation statistics, block scores) depends on the
+weights, the scheduler and its timesteps, the resolution and the passes applied before it. The
+:class:`Calibrator` keys its cache on exactly those, in memory and (optionally) on disk as ``.npy``
+files, so search trials reuse priors and remote workers can share them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from accelkit._io import atomic_write_bytes
+from accelkit.passes.base import Program
+
+
+@dataclass
+class Generation:
+    """Outputs of running a program on prompts.
+
+    Args:
+        images: float tensor (N, 3, H, W) in [0, 1], one image per prompt.
+        state_logs: per prompt, the executor's ``(step, branch, {state: tensor})`` records (when asked).
+        variant_calls: how many times each variant ran in total.
+    """
+
+    images: torch.Tensor
+    state_logs: list[list[tuple[int, int, dict[str, torch.Tensor]]]] = field(default_factory=list)
+    variant_calls: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class Calibrator:
+    """Runs programs on a pipeline with fixed generation settings.
+
+    Args:
+        pipe: the diffusers pipeline.
+        prompts: calibration prompts.
+        height: image height.
+        width: image width.
+        guidance_scale: classifier-free guidance scale.
+        seed: seed of prompt i is ``seed + i``.
+        weights_hash: fingerprint of the denoiser weights (cache key).
+        cache_dir: where cached measurements are stored; None keeps them in memory only.
+        extra_call_kwargs: any other pipeline arguments.
+    """
+
+    pipe: Any
+    prompts: Sequence[str]
+    height: int
+    width: int
+    guidance_scale: float
+    seed: int = 0
+    weights_hash: str = ""
+    cache_dir: Path | None = None
+    extra_call_kwargs: dict[str, Any] = field(default_factory=dict)
+    _memory: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def call_kwargs(self, prompt: str, index: int) -> dict[str, Any]:
+        kwargs = dict(self.extra_call_kwargs)
+        kwargs.update(
+            prompt=prompt,
+            height=self.height,
+            width=self.width,
+            guidance_scale=self.guidance_scale,
+            generator=torch.Generator("cpu").manual_seed(self.seed + index),
+            output_type="pt",
+        )
+        return kwargs
+
+    def generate(
+        self,
+        program: Program,
+        prompts: Sequence[str] | None = None,
+        *,
+        record_states: bool = False,
+        seed_offset: int = 0,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> Generation:
+        """Generate one image per prompt with ``program`` (same seeds for every program)."""
+        from accelkit.runtime.pipeline import AcceleratedPipeline
+
+        prompts = list(self.prompts if prompts is None else prompts)
+        accelerated = AcceleratedPipeline(self.pipe, program)
+        images: list[torch.Tensor] = []
+        logs = []
+        try:
+            for index, prompt in enumerate(prompts):
+                if record_states:
+                    accelerated.executor.state_log = []
+                output = accelerated(**self.call_kwargs(prompt, seed_offset + index))
+                image = output.images if hasattr(output, "images") else output[0]
+                image = torch.as_tensor(image)
+                if image.ndim == 3:
+                    image = image.unsqueeze(0)
+                if image.shape[-1] == 3 and image.shape[1] != 3:
+                    image = image.permute(0, 3, 1, 2)
+                images.append(image.float().clamp(0, 1).cpu())
+                if record_states:
+                    logs.append(accelerated.executor.state_log or [])
+                    accelerated.executor.state_log = None
+                if progress is not None:
+                    progress(index + 1, len(prompts))
+        finally:
+            accelerated.restore()
+        return Generation(torch.cat(images), logs, accelerated.variant_calls)
+
+    def cache_key(self, kind: str, program: Program, **parts: Any) -> str:
+        """Key over what a measurement depends on: weights, scheduler, timesteps, shapes, earlier passes."""
+        scheduler = getattr(self.pipe, "scheduler", None)
+        payload = {
+            "kind": kind,
+            "weights": self.weights_hash,
+            "scheduler": type(scheduler).__name__,
+            "scheduler_config": {k: repr(v) for k, v in dict(getattr(scheduler, "config", {})).items()},
+            "steps": program.num_steps,
+            "sigmas": program.sigmas,
+            "resolution": [self.height, self.width],
+            "guidance": self.guidance_scale,
+            "prompts": list(self.prompts),
+            "seed": self.seed,
+            "passes": {name: program.resolved.get(name) for name in program.applied},
+            "parts": parts,
+        }
+        text = json.dumps(payload, sort_keys=True, default=repr)
+        return f"{kind}-{hashlib.sha256(text.encode()).hexdigest()[:24]}"
+
+    def cached_array(self, key: str, compute: Callable[[], np.ndarray]) -> np.ndarray:
+        """Return the array stored under ``key``, computing and storing it on a miss."""
+        if key in self._memory:
+            return self._memory[key]
+        path = self.cache_dir / f"{key}.npy" if self.cache_dir is not None else None
+        if path is not None and path.is_file():
+            # allow_pickle=False: cache files are plain arrays, never objects.
+            value = np.load(path, allow_pickle=False)
+        else:
+            value = np.asarray(compute())
+            if path is not None:
+                import io
+
+                buffer = io.BytesIO()
+                np.save(buffer, value, allow_pickle=False)
+                atomic_write_bytes(path, buffer.getvalue())
+        self._memory[key] = value
+        return value

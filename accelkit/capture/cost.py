@@ -1,0 +1,103 @@
+"""FLOPs and bytes per graph node, from the fake tensors ``torch.export`` records in ``node.meta``.
+
+These feed the ``inspect`` block table and the roofline cost model. Matrix products, convolutions and
+attention carry the FLOPs; everything else is counted by the bytes it moves.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class NodeCost:
+    """Cost of one graph node.
+
+    Args:
+        flops: floating-point operations (a multiply-add counts 2).
+        bytes: activation bytes read and written plus the weight bytes the node reads.
+        kind: ``"matmul"``, ``"attention"``, ``"conv"`` or ``"memory"``.
+    """
+
+    flops: float
+    bytes: float
+    kind: str
+
+
+def _tensor_bytes(value) -> float:
+    if isinstance(value, torch.Tensor):
+        return float(value.numel() * value.element_size())
+    if isinstance(value, list | tuple):
+        return float(sum(_tensor_bytes(v) for v in value))
+    return 0.0
+
+
+def _val(node) -> object:
+    if isinstance(node, fx.Node):
+        return node.meta.get("val")
+    return None
+
+
+def _shape(node) -> tuple[int, ...] | None:
+    value = _val(node)
+    return tuple(int(s) for s in value.shape) if isinstance(value, torch.Tensor) else None
+
+
+def _weight_tensor(module: fx.GraphModule, node) -> torch.Tensor | None:
+    if isinstance(node, fx.Node) and node.op == "get_attr":
+        target = module
+        for part in str(node.target).split("."):
+            target = getattr(target, part)
+        return target if isinstance(target, torch.Tensor) else None
+    return None
+
+
+def _input_bytes(module: fx.GraphModule, node: fx.Node) -> float:
+    total = 0.0
+    for arg in node.all_input_nodes:
+        weight = _weight_tensor(module, arg)
+        total += _tensor_bytes(weight) if weight is not None else _tensor_bytes(_val(arg))
+    return total
+
+
+def node_flops(node: fx.Node) -> tuple[float, str]:
+    """FLOPs of one ``call_function`` node and its kind."""
+    target = node.target
+    out = _shape(node)
+    if target is aten.linear.default:
+        x, w = _shape(node.args[0]), _shape(node.args[1])
+        if x and w:
+            return 2.0 * math.prod(x[:-1]) * w[1] * w[0], "matmul"
+    if target in (aten.mm.default, aten.bmm.default, aten.matmul.default, aten.addmm.default,
+                  aten.baddbmm.default):
+        a = _shape(node.args[1] if target in (aten.addmm.default, aten.baddbmm.default) else node.args[0])
+        if a and out:
+            return 2.0 * math.prod(out) * a[-1], "matmul"
+    if target is aten.conv2d.default or target is aten.convolution.default:
+        w = _shape(node.args[1])
+        if w and out:
+            return 2.0 * math.prod(out) * math.prod(w[1:]), "conv"
+    if target is aten.scaled_dot_product_attention.default:
+        q, k = _shape(node.args[0]), _shape(node.args[1])
+        if q and k:
+            # QK^T and PV: 2 * (2 * L_q * L_k * d) per batch-head.
+            return 4.0 * math.prod(q[:-2]) * q[-2] * k[-2] * q[-1], "attention"
+    return (float(math.prod(out)) if out else 0.0), "memory"
+
+
+def graph_costs(module: fx.GraphModule) -> dict[str, NodeCost]:
+    """FLOPs/bytes for every ``call_function`` node of ``module``."""
+    costs: dict[str, NodeCost] = {}
+    for node in module.graph.nodes:
+        if node.op != "call_function":
+            continue
+        flops, kind = node_flops(node)
+        moved = _input_bytes(module, node) + _tensor_bytes(_val(node))
+        costs[node.name] = NodeCost(flops=flops, bytes=moved, kind=kind)
+    return costs

@@ -1,0 +1,232 @@
+"""Capture a diffusers denoiser as a flat FX graph with ``torch.export`` (non-strict).
+
+``torch.fx.symbolic_trace`` fails on every diffusers denoiser (data-dependent Python, ``**kwargs``,
+dataclass outputs); ``torch.export(strict=False)`` captures them exactly. The exported program is
+unlifted into a plain ``fx.GraphModule`` whose placeholders are the tensor keyword arguments, in a
+recorded order, and whose output is a flat tuple. That flat calling convention is what passes
+extend (extra state inputs/outputs) and what the runtime and the exporter drive.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx
+from torch.utils import _pytree as pytree
+
+from accelkit.capture.blocks import BlockIndex, find_attention_sites, find_blocks, find_linear_sites
+from accelkit.capture.cost import NodeCost, graph_costs
+from accelkit.errors import CaptureError
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Shape and dtype of one graph input.
+
+    Args:
+        shape: the static shape the graph was captured for.
+        dtype: the tensor's dtype, as a string such as ``"torch.float32"``.
+    """
+
+    shape: tuple[int, ...]
+    dtype: str
+
+    @classmethod
+    def of(cls, tensor: torch.Tensor) -> TensorSpec:
+        return cls(tuple(int(s) for s in tensor.shape), str(tensor.dtype))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"shape": list(self.shape), "dtype": self.dtype}
+
+
+@dataclass
+class DenoiserGraph:
+    """A captured denoiser: flat graph + the structural index passes work from.
+
+    Args:
+        module: flat ``fx.GraphModule``; ``forward(*tensor_inputs) -> tuple`` of the user outputs.
+        input_names: keyword names of the tensor inputs, in placeholder order.
+        input_specs: shape/dtype per tensor input: the shape signature this graph is valid for.
+        static_kwargs: non-tensor keyword arguments baked into the graph (``return_dict`` ...);
+            a call with other values is refused.
+        out_spec: pytree spec that rebuilds the denoiser's original output from the flat tuple.
+        family: the denoiser class name, e.g. ``"FluxTransformer2DModel"``.
+        blocks: ordered repeated blocks with their boundary nodes.
+        attention_sites: names of ``scaled_dot_product_attention`` nodes.
+        linear_sites: names of ``aten.linear`` nodes.
+        costs: FLOPs and bytes per node name.
+    """
+
+    module: fx.GraphModule
+    input_names: tuple[str, ...]
+    input_specs: tuple[TensorSpec, ...]
+    static_kwargs: dict[str, Any]
+    out_spec: pytree.TreeSpec
+    family: str
+    blocks: BlockIndex
+    attention_sites: tuple[str, ...]
+    linear_sites: tuple[str, ...]
+    costs: dict[str, NodeCost] = field(repr=False)
+
+    @property
+    def num_user_outputs(self) -> int:
+        return self.out_spec.num_leaves
+
+    def total_flops(self) -> float:
+        return float(sum(c.flops for c in self.costs.values()))
+
+    def signature(self) -> tuple:
+        """Hashable shape signature: one capture serves exactly one signature."""
+        return shape_signature_from_specs(self.input_names, self.input_specs, self.static_kwargs)
+
+    def flat_inputs(self, kwargs: Mapping[str, Any]) -> list[torch.Tensor]:
+        """Pick the graph's tensor inputs out of a denoiser call's keyword arguments."""
+        return [kwargs[name] for name in self.input_names]
+
+    def rebuild_output(self, flat_outputs: tuple[Any, ...] | list[Any], return_dict: bool) -> Any:
+        """Turn the graph's flat user outputs back into what the denoiser returns."""
+        output = pytree.tree_unflatten(list(flat_outputs[: self.num_user_outputs]), self.out_spec)
+        if return_dict and isinstance(output, tuple):
+            from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+            return Transformer2DModelOutput(sample=output[0])
+        return output
+
+
+def _split_kwargs(kwargs: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors: dict[str, torch.Tensor] = {}
+    statics: dict[str, Any] = {}
+    for key, value in kwargs.items():
+        if isinstance(value, torch.Tensor):
+            tensors[key] = value
+        else:
+            statics[key] = value
+    return tensors, statics
+
+
+def _static_key(value: Any) -> Any:
+    """Hashable stand-in for a non-tensor kwarg; nested tensors are described by shape."""
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(value.shape), str(value.dtype))
+    if isinstance(value, Mapping):
+        return tuple(sorted((k, _static_key(v)) for k, v in value.items()))
+    if isinstance(value, list | tuple):
+        return tuple(_static_key(v) for v in value)
+    return value
+
+
+def shape_signature(kwargs: Mapping[str, Any]) -> tuple:
+    """Hashable signature of a denoiser call: tensor shapes/dtypes and non-tensor values."""
+    tensors, statics = _split_kwargs(kwargs)
+    names = tuple(tensors)
+    specs = tuple(TensorSpec.of(t) for t in tensors.values())
+    return shape_signature_from_specs(names, specs, statics)
+
+
+def shape_signature_from_specs(
+    names: tuple[str, ...], specs: tuple[TensorSpec, ...], statics: Mapping[str, Any]
+) -> tuple:
+    return (
+        tuple(sorted(zip(names, ((s.shape, s.dtype) for s in specs), strict=True))),
+        tuple(sorted((k, _static_key(v)) for k, v in statics.items())),
+    )
+
+
+def _flatten_module(exported: torch.export.ExportedProgram, tensor_names: list[str]) -> fx.GraphModule:
+    """Unlift an exported program into a GraphModule with plain positional placeholders."""
+    module = exported.module()
+    graph = module.graph
+    # The unlifted module parses (args, kwargs) with a pytree codegen; passes need plain placeholders.
+    graph._codegen = fx.graph.CodeGen()
+    for node in list(graph.nodes):
+        # export's input guards re-check shapes on every call; the runtime checks the signature once.
+        if node.op == "call_module" and str(node.target) == "_guards_fn":
+            graph.erase_node(node)
+    for node in list(graph.nodes):
+        if node.op == "placeholder" and node.name not in tensor_names and node.target not in tensor_names:
+            if node.users:
+                raise CaptureError(
+                    f"non-tensor input '{node.target}' is used by the captured graph; accelkit can only "
+                    "capture denoisers whose non-tensor arguments are constants"
+                )
+            graph.erase_node(node)
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    order = [str(n.target) for n in placeholders]
+    if order != tensor_names:
+        raise CaptureError(f"captured inputs {order} do not match the call's tensor arguments {tensor_names}")
+    output = next(n for n in graph.nodes if n.op == "output")
+    leaves, _ = pytree.tree_flatten(output.args[0])
+    output.args = (tuple(leaves),)
+    graph.eliminate_dead_code()
+    # A fresh GraphModule drops the unlifted module's pytree pre-hooks and shares its parameters.
+    flat = fx.GraphModule(module, graph, class_name=type(module).__name__)
+    flat.recompile()
+    return flat
+
+
+def capture(denoiser: torch.nn.Module, kwargs: Mapping[str, Any]) -> DenoiserGraph:
+    """Capture ``denoiser`` for one call signature.
+
+    Args:
+        denoiser: the pipeline's transformer or UNet (eval mode).
+        kwargs: the exact keyword arguments the pipeline passes at one denoising step.
+
+    Returns:
+        The :class:`DenoiserGraph`; its module reproduces ``denoiser(**kwargs)`` exactly.
+
+    Raises:
+        CaptureError: when ``torch.export`` cannot capture the model; the message names the
+            architecture and the first line of the underlying error.
+    """
+    tensors, statics = _split_kwargs(kwargs)
+    family = type(denoiser).__name__
+    # Keep the signature order of the original kwargs so the flat graph is stable across calls.
+    ordered = dict(kwargs)
+    try:
+        with torch.no_grad():
+            exported = torch.export.export(denoiser, (), ordered, strict=False)
+    except Exception as error:  # noqa: BLE001 - any export failure becomes one clear message
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CaptureError(
+            f"could not capture {family} with torch.export (non-strict): {first_line}. "
+            "Report the architecture, or run without the passes that need a graph."
+        ) from error
+    tensor_names = [name for name in tensors]
+    module = _flatten_module(exported, tensor_names)
+    out_spec = exported.call_spec.out_spec
+    blocks = find_blocks(module)
+    return DenoiserGraph(
+        module=module,
+        input_names=tuple(tensor_names),
+        input_specs=tuple(TensorSpec.of(tensors[n]) for n in tensor_names),
+        static_kwargs=statics,
+        out_spec=out_spec,
+        family=family,
+        blocks=blocks,
+        attention_sites=find_attention_sites(module),
+        linear_sites=find_linear_sites(module),
+        costs=graph_costs(module),
+    )
+
+
+def clone_graph_module(module: fx.GraphModule) -> fx.GraphModule:
+    """A new GraphModule with its own graph that shares the parameters of ``module``.
+
+    Passes edit the clone, so the caller's program is never mutated and no weights are copied.
+    """
+    import copy
+
+    new_graph = copy.deepcopy(module.graph)
+    clone = fx.GraphModule(module, new_graph, class_name=type(module).__name__)
+    clone.graph._codegen = fx.graph.CodeGen()
+    clone.recompile()
+    return clone
+
+
+def replace_graph_signature(graph: DenoiserGraph, **changes: Any) -> DenoiserGraph:
+    """Copy of ``graph`` with some fields replaced (dataclasses.replace for readability)."""
+    return dataclasses.replace(graph, **changes)
