@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from accelkit.errors import InputError
-from accelkit.runtime.pipeline import find_denoiser
+from accelkit.runtime.pipeline import bind_positional, find_denoiser, positional_parameter_names
 
 DEFAULT_MODEL = "zoo:shapes"
 
@@ -140,11 +140,11 @@ def record_denoiser_calls(pipe: Any, **call_kwargs: Any) -> list[dict[str, Any]]
     """
     _, denoiser = find_denoiser(pipe)
     calls: list[dict[str, Any]] = []
+    positional = positional_parameter_names(denoiser)
 
     def hook(module, args, kwargs):
-        if args:
-            raise InputError("the pipeline passes positional arguments to its denoiser; accelkit needs keywords")
-        calls.append(_detach(dict(kwargs)))
+        # PixArt passes the latent positionally: record it under its parameter name.
+        calls.append(_detach(bind_positional(positional, args, dict(kwargs))))
 
     handle = denoiser.register_forward_pre_hook(hook, with_kwargs=True)
     try:

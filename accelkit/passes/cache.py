@@ -79,7 +79,7 @@ class CacheConfig(PassConfig):
     full_step_mask: tuple[int, ...] | None = None
 
     SEARCH_SPACE: ClassVar = {
-        "full_fraction": FloatRange(0.15, 0.75),
+        "full_fraction": FloatRange(0.15, 1.0),
         "first_blocks": IntRange(0, 2),
         "last_blocks": IntRange(0, 1),
         "approximation": Choice(APPROXIMATIONS),

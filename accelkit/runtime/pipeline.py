@@ -30,6 +30,34 @@ def find_denoiser(pipe: Any) -> tuple[str, torch.nn.Module]:
     )
 
 
+def positional_parameter_names(module: torch.nn.Module) -> tuple[str, ...]:
+    """Names of the parameters of ``type(module).forward`` that may be passed positionally, in order.
+
+    Some pipelines pass the latent positionally (PixArt: ``transformer(latent_model_input, ...)``);
+    accelkit works with keyword arguments, so positional values are bound to these names.
+    """
+    try:
+        parameters = list(inspect.signature(type(module).forward).parameters.values())[1:]  # drop self
+    except (TypeError, ValueError):
+        return ()
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return tuple(p.name for p in parameters if p.kind in kinds)
+
+
+def bind_positional(names: tuple[str, ...], args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` with the positional ``args`` added under their parameter ``names``."""
+    if len(args) > len(names):
+        raise InputError(
+            f"the denoiser was called with {len(args)} positional arguments but its forward names only "
+            f"{len(names)}; accelkit needs keyword arguments"
+        )
+    bound = dict(zip(names, args, strict=False))
+    clash = sorted(set(bound) & set(kwargs))
+    if clash:
+        raise InputError(f"denoiser argument(s) {clash} given both positionally and by keyword")
+    return {**bound, **kwargs}
+
+
 class StepLocator:
     """Maps a denoiser call's ``timestep`` to its index in ``scheduler.timesteps``.
 
@@ -79,13 +107,17 @@ class StepAwareForward:
         self.pipe = pipe
         self.executor = executor
         self.locator = StepLocator(pipe)
+        try:
+            self._positional = positional_parameter_names(find_denoiser(pipe)[1])
+        except InputError:
+            self._positional = ()
         self._last_step = -1
         self._branch = 0
         self.calls = 0
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if args:
-            raise InputError("accelkit's step-aware denoiser takes keyword arguments only, as pipelines pass them")
+            kwargs = bind_positional(self._positional, args, kwargs)
         program = self.executor.program
         num_timesteps = len(self.locator.timesteps())
         if num_timesteps != program.num_steps:
@@ -129,12 +161,17 @@ class AcceleratedPipeline:
         pipe: the diffusers pipeline (modified in place until :meth:`restore`).
         program: the program to run.
         compile: run graph variants through ``torch.compile``.
+        call_defaults: pipeline arguments applied when the caller omits them (the resolution and
+            guidance scale a plan was made for).
     """
 
-    def __init__(self, pipe: Any, program: Program, *, compile: bool = False) -> None:
+    def __init__(
+        self, pipe: Any, program: Program, *, compile: bool = False, call_defaults: dict[str, Any] | None = None
+    ) -> None:
         program.validate()
         self.pipe = pipe
         self.program = program
+        self.call_defaults = dict(call_defaults or {})
         self.denoiser_name, self.denoiser = find_denoiser(pipe)
         self.executor = ProgramExecutor(program, compile=compile)
         self.forward = StepAwareForward(pipe, self.executor)
@@ -149,6 +186,8 @@ class AcceleratedPipeline:
                 f"omit num_inference_steps or pass {self.program.num_steps}"
             )
         kwargs["num_inference_steps"] = self.program.num_steps
+        for key, value in self.call_defaults.items():
+            kwargs.setdefault(key, value)
         if self.program.sigmas is not None:
             kind = self.program.timestep_kind
             if not _accepts(self.pipe, kind):

@@ -1,0 +1,289 @@
+"""The ``accelkit`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from accelkit.errors import AccelkitError
+
+DESCRIPTION = """\
+accelkit makes diffusion models fast: it captures a pipeline's denoiser as a graph, applies
+acceleration passes (fewer/better-placed sampler steps, block caching with a DP schedule), searches
+their settings to meet a speed budget at the best fidelity, and writes plans plus a fidelity report.
+
+MODEL is a local diffusers pipeline folder, a hub id (where the network allows) or a zoo name such
+as zoo:shapes; with no MODEL the embedded default zoo:shapes runs (CPU, minutes).
+"""
+
+EPILOG = """\
+examples:
+  accelkit inspect zoo:shapes                      # blocks, FLOPs, attention sites
+  accelkit optimize --budget 2x --out out/          # embedded default model, CPU
+  accelkit optimize ./my-pipeline --budget 2x --budget 3x --passes steps,cache --trials 20
+  accelkit report out/                              # re-render out/report/ from report.json
+  accelkit run out/ --budget 2x --prompt "a red circle" --output image.png
+
+exit codes: 0 success; 2 bad input; 3 a budget or --min-psnr floor could not be met; 130 interrupted.
+"""
+
+
+def _add_model(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", nargs="?", default=None,
+                        help="pipeline folder, hub id or zoo:NAME (default: the embedded zoo:shapes)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="accelkit", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    parser.add_argument("--version", action="version", version=_version())
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    inspect = commands.add_parser(
+        "inspect", help="show the denoiser's blocks, FLOPs and attention sites",
+        description="Capture MODEL's denoiser and print its family, parameter count, block table "
+                    "(name, kind, FLOPs share, weight bytes) and attention sites.",
+        epilog="example:\n  accelkit inspect zoo:shapes --json", formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model(inspect)
+    inspect.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    inspect.add_argument("--height", type=int, help="image height to capture at (default: the model's)")
+    inspect.add_argument("--width", type=int, help="image width to capture at (default: the model's)")
+
+    optimize = commands.add_parser(
+        "optimize", help="search pass settings to meet speed budgets; write plans and a fidelity report",
+        description="Search the passes' settings with Optuna so that each --budget (a speedup over the "
+                    "baseline sampler at --steps steps) is met at the best fidelity. Writes "
+                    "OUT/plans/<budget>/plan.json, OUT/report/index.html + report.json and OUT/study.db "
+                    "(re-running with the same --out resumes the study).",
+        epilog="examples:\n"
+               "  accelkit optimize --budget 2x --out out/\n"
+               "  accelkit optimize zoo:shapes --budget 2x --budget 3x --trials 24 --min-psnr 25\n"
+               "  accelkit optimize ./pipe --passes cache --steps 50 --prompts prompts.txt\n\n"
+               "exit codes: 0 all budgets met; 2 bad input; 3 a budget or the --min-psnr floor not met "
+               "(the report is still written).",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model(optimize)
+    optimize.add_argument("--budget", action="append", metavar="Nx",
+                          help="target speedup, e.g. 2x; repeat for several (default: 2x)")
+    optimize.add_argument("--passes", default=None,
+                          help="comma-separated passes to use, applied in the order steps,prune,quant,sparse,cache "
+                               "(default: steps,cache)")
+    optimize.add_argument("--trials", type=int, default=12, help="search trials in total (default: 12)")
+    optimize.add_argument("--steps", type=int, default=28, help="sampler steps of the baseline (default: 28)")
+    optimize.add_argument("--prompts", metavar="FILE", help="calibration prompts, one per line")
+    optimize.add_argument("--num-prompts", type=int, default=4, help="calibration prompts to use (default: 4)")
+    optimize.add_argument("--eval-prompts", metavar="FILE",
+                          help="held-out evaluation prompts (default: a held-out split of the built-in set)")
+    optimize.add_argument("--num-eval-prompts", type=int, default=8, help="evaluation prompts (default: 8)")
+    optimize.add_argument("--seed", type=int, default=0, help="base seed (default: 0)")
+    optimize.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    optimize.add_argument("--cost", default="roofline", choices=["roofline", "latency"],
+                          help="cost measure: roofline cost model (default) or measured latency")
+    optimize.add_argument("--cost-target", choices=["cpu", "h100"], default=None,
+                          help="device table for the roofline cost (default: cpu on CPU, h100 on CUDA)")
+    optimize.add_argument("--min-psnr", type=float, default=None,
+                          help="fidelity floor in dB; a plan below it fails the run with exit code 3")
+    optimize.add_argument("--storage", default=None,
+                          help="Optuna storage URL (default: sqlite in OUT); postgresql://... to share a study")
+    optimize.add_argument("--study", default=None, help="study name (default: derived from model and settings)")
+    optimize.add_argument("--height", type=int, default=None, help="image height (default: the model's)")
+    optimize.add_argument("--width", type=int, default=None, help="image width (default: the model's)")
+    optimize.add_argument("--guidance-scale", type=float, default=None, help="CFG scale (default: the model's)")
+    optimize.add_argument("--out", default="accelkit-out", help="output directory (default: accelkit-out)")
+    optimize.add_argument("--quiet", action="store_true", help="no progress output")
+    optimize.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+
+    report = commands.add_parser("report", help="re-render OUT/report/ from OUT/report/report.json",
+                                 description="Re-render the fidelity report of an optimize run.")
+    report.add_argument("out", help="the directory optimize wrote")
+
+    run = commands.add_parser(
+        "run", help="generate images with a plan",
+        description="Load MODEL (default: the plan's model), apply OUT's plan and generate.",
+        epilog='example:\n  accelkit run out/ --budget 2x --prompt "a red circle" --output red.png',
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.add_argument("out", help="the directory optimize wrote")
+    run.add_argument("--budget", default=None, help="which plan (default: the only one)")
+    run.add_argument("--model", default=None, help="model to load (default: the one the plan names)")
+    run.add_argument("--prompt", action="append", required=True, help="prompt; repeat for several")
+    run.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    run.add_argument("--output", default="accelkit-run.png", help="image file (PNG); several prompts get -N suffixes")
+    run.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    return parser
+
+
+def _version() -> str:
+    import accelkit
+
+    return f"accelkit {accelkit.__version__}"
+
+
+def _console(quiet: bool = False) -> Any:
+    from rich.console import Console
+
+    return Console(stderr=True, quiet=quiet)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    import torch
+    from rich.table import Table
+
+    from accelkit.capture import capture
+    from accelkit.loading import load_pipeline, record_denoiser_calls
+    from accelkit.search.optimize import OptimizeSettings, _generation_defaults
+
+    loaded = load_pipeline(args.model)
+    generation = _generation_defaults(loaded.pipe, OptimizeSettings(model=args.model, height=args.height,
+                                                                    width=args.width), loaded.source)
+    calls = record_denoiser_calls(loaded.pipe, prompt="a photo", num_inference_steps=2, output_type="latent",
+                                  generator=torch.Generator("cpu").manual_seed(0), **generation)
+    graph = capture(loaded.denoiser, calls[0])
+    total = graph.total_flops() or 1.0
+    rows = []
+    for block in graph.blocks:
+        flops = sum(graph.costs[n].flops for n in block.nodes if n in graph.costs)
+        weight_bytes = sum(p.numel() * p.element_size() for name, p in loaded.denoiser.named_parameters()
+                           if name.startswith(block.name + "."))
+        rows.append({"name": block.name, "kind": block.kind, "flops": flops, "flops_share": flops / total,
+                     "weight_bytes": weight_bytes})
+    params = sum(p.numel() for p in loaded.denoiser.parameters())
+    tokens = {}
+    for name in graph.attention_sites:
+        node = next(n for n in graph.module.graph.nodes if n.name == name)
+        value = node.args[0].meta.get("val")
+        tokens[name] = int(value.shape[-2]) if value is not None else None
+    info = {
+        "model": loaded.model_id, "family": graph.family, "params": params,
+        "inputs": {n: s.to_dict() for n, s in zip(graph.input_names, graph.input_specs, strict=True)},
+        "flops_per_step": total, "blocks": rows, "attention_sites": tokens, "linear_sites": len(graph.linear_sites),
+        "generation": generation,
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    console = _console()
+    console.print(f"[bold]{loaded.model_id}[/]: {graph.family}, {params / 1e6:.2f} M parameters, "
+                  f"{total / 1e9:.3f} GFLOP per denoiser call at {generation['height']}x{generation['width']}")
+    table = Table(title="blocks")
+    for column in ("#", "block", "kind", "FLOPs share", "weights"):
+        table.add_column(column, justify="right" if column in ("#", "FLOPs share", "weights") else "left")
+    for index, row in enumerate(rows):
+        table.add_row(str(index), row["name"], row["kind"], f"{100 * row['flops_share']:.1f}%",
+                      f"{row['weight_bytes'] / 1e6:.2f} MB")
+    console.print(table)
+    sites = Table(title=f"attention sites ({len(tokens)}); {len(graph.linear_sites)} linear layers")
+    sites.add_column("node")
+    sites.add_column("tokens", justify="right")
+    for name, count in tokens.items():
+        sites.add_row(name, str(count))
+    console.print(sites)
+    return 0
+
+
+def cmd_optimize(args: argparse.Namespace) -> int:
+    from accelkit.search.optimize import OptimizeSettings, optimize, parse_budget, parse_passes
+
+    budgets = tuple(args.budget or ["2x"])
+    for budget in budgets:
+        parse_budget(budget)
+    settings = OptimizeSettings(
+        model=args.model, budgets=budgets, passes=parse_passes(args.passes), trials=args.trials, steps=args.steps,
+        num_prompts=args.num_prompts, num_eval_prompts=args.num_eval_prompts, prompts_file=args.prompts,
+        eval_prompts_file=args.eval_prompts, seed=args.seed, device=args.device, cost=args.cost,
+        cost_target=args.cost_target, min_psnr=args.min_psnr, storage=args.storage, study=args.study,
+        out=args.out, height=args.height, width=args.width, guidance_scale=args.guidance_scale)
+    console = _console(quiet=args.quiet or args.json)
+    result = optimize(settings, console=console, progress=not (args.quiet or args.json))
+    summary = {
+        "out": str(result.out), "study": result.study_name, "exit_code": result.exit_code,
+        "report": str(result.report_path) if result.report_path else None,
+        "budgets": [{"budget": o.budget, "met": o.met, "speedup": o.speedup, "psnr": o.psnr,
+                     "plan": str(o.plan_dir) if o.plan_dir else None, "message": o.message}
+                    for o in result.outcomes],
+    }
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        console.print(f"report: {result.report_path}")
+        failed = [o for o in result.outcomes if not o.met]
+        if failed:
+            console.print("[red]not met:[/] " + "; ".join(o.message for o in failed))
+    return result.exit_code
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from accelkit.report.render import render_from_json
+
+    path = render_from_json(args.out)
+    print(path)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from accelkit.errors import InputError
+    from accelkit.loading import load_pipeline
+    from accelkit.runtime.plan import load, read_plan
+
+    plan = read_plan(args.out, args.budget)
+    model = args.model or plan.data["model"]["id"]
+    loaded = load_pipeline(model, device=args.device)
+    accelerated = load(args.out, loaded.pipe, plan.budget)
+    output = Path(args.output)
+    if output.suffix.lower() != ".png":
+        raise InputError(f"--output '{output}' must end in .png")
+    written = []
+    for index, prompt in enumerate(args.prompt):
+        result = accelerated(prompt=prompt, generator=torch.Generator("cpu").manual_seed(args.seed + index),
+                             output_type="np")
+        array = np.asarray(result.images[0])
+        image = Image.fromarray((np.clip(array, 0, 1) * 255).round().astype(np.uint8))
+        target = output if len(args.prompt) == 1 else output.with_name(f"{output.stem}-{index}{output.suffix}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp")
+        image.save(tmp, format="PNG")
+        tmp.replace(target)
+        written.append(str(target))
+    print("\n".join(written))
+    return 0
+
+
+COMMANDS = {"inspect": cmd_inspect, "optimize": cmd_optimize, "report": cmd_report, "run": cmd_run}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return COMMANDS[args.command](args)
+    except AccelkitError as error:
+        if args.debug:
+            raise
+        print(f"accelkit: error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print("accelkit: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001 - one line for users, the traceback behind --debug
+        if args.debug:
+            raise
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        print(f"accelkit: error: {type(error).__name__}: {first} (run with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""Plans on disk: ``OUT/plans/<budget>/plan.json`` (+ ``weights.safetensors``), and ``accelkit.load``.
+
+A plan stores the resolved pass configs (schedules spelled out), so rebuilding the program needs no
+calibration: the denoiser is captured again and the passes replayed. Loading refuses a plan made
+for other weights, another scheduler or another library version's schema.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from accelkit._io import atomic_write_bytes, atomic_write_json
+from accelkit.errors import InputError, PlanMismatchError
+
+PLAN_SCHEMA = 1
+
+
+@dataclass
+class Plan:
+    """A plan as read from ``plan.json``.
+
+    Args:
+        path: the plan directory.
+        data: the parsed JSON.
+    """
+
+    path: Path
+    data: dict[str, Any]
+
+    @property
+    def budget(self) -> str:
+        return str(self.data["budget"])
+
+    @property
+    def passes(self) -> dict[str, dict[str, Any]]:
+        return dict(self.data.get("passes", {}))
+
+    @property
+    def call_defaults(self) -> dict[str, Any]:
+        generation = self.data["generation"]
+        return {
+            "height": generation["height"],
+            "width": generation["width"],
+            "guidance_scale": generation["guidance_scale"],
+        }
+
+
+def scheduler_identity(pipe: Any) -> dict[str, Any]:
+    scheduler = pipe.scheduler
+    config = {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")}
+    return {"class": type(scheduler).__name__, "config": json.loads(json.dumps(config, default=repr))}
+
+
+def versions() -> dict[str, str]:
+    import diffusers
+
+    import accelkit
+
+    return {"accelkit": accelkit.__version__, "torch": torch.__version__, "diffusers": diffusers.__version__}
+
+
+def write_plan(
+    directory: Path,
+    *,
+    budget: str,
+    program: Any,
+    model: dict[str, Any],
+    pipe: Any,
+    generation: dict[str, Any],
+    baseline_steps: int,
+    cost: dict[str, Any],
+    fidelity: dict[str, Any],
+) -> Path:
+    """Write ``plan.json`` (and ``weights.safetensors`` when a pass made new tensors) atomically."""
+    directory.mkdir(parents=True, exist_ok=True)
+    weights_file = None
+    if program.new_weights:
+        from safetensors.torch import save
+
+        weights_file = "weights.safetensors"
+        tensors = {k: v.detach().contiguous().cpu() for k, v in program.new_weights.items()}
+        atomic_write_bytes(directory / weights_file, save(tensors))
+    data = {
+        "schema": PLAN_SCHEMA,
+        "budget": budget,
+        "versions": versions(),
+        "model": model,
+        "scheduler": scheduler_identity(pipe),
+        "generation": generation,
+        "baseline_steps": baseline_steps,
+        "num_steps": program.num_steps,
+        "passes": {name: program.resolved[name] for name in program.applied},
+        "schedule": list(program.schedule),
+        "sigmas": list(program.sigmas) if program.sigmas is not None else None,
+        "cost": cost,
+        "fidelity": fidelity,
+        "weights_file": weights_file,
+    }
+    atomic_write_json(directory / "plan.json", data)
+    return directory / "plan.json"
+
+
+def read_plan(out_dir: str | Path, budget: str | None = None) -> Plan:
+    """Find and parse the plan for ``budget`` under ``out_dir`` (the only plan when None)."""
+    root = Path(out_dir)
+    plans_dir = root / "plans"
+    if not plans_dir.is_dir():
+        raise InputError(f"'{root}' holds no plans/ folder: run `accelkit optimize ... --out {root}` first")
+    available = sorted(p.name for p in plans_dir.iterdir() if (p / "plan.json").is_file())
+    if not available:
+        raise InputError(f"'{plans_dir}' holds no plan.json: no budget was met or optimize did not finish")
+    if budget is None:
+        if len(available) > 1:
+            raise InputError(f"'{root}' holds plans for budgets {available}: choose one with --budget")
+        budget = available[0]
+    budget = budget if budget.endswith("x") else f"{budget}x"
+    if budget not in available:
+        raise InputError(f"no plan for budget {budget} in '{root}': available budgets are {available}")
+    path = plans_dir / budget / "plan.json"
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise InputError(f"'{path}' is not valid JSON ({error.msg}); re-run optimize to rewrite it") from None
+    if data.get("schema") != PLAN_SCHEMA:
+        raise PlanMismatchError(f"'{path}' has plan schema {data.get('schema')}, this accelkit reads {PLAN_SCHEMA}")
+    return Plan(path.parent, data)
+
+
+def build_program(plan: Plan, pipe: Any, *, check_weights: bool = True) -> Any:
+    """Capture ``pipe``'s denoiser for the plan's settings and replay its passes (no calibration)."""
+    from accelkit.capture import capture
+    from accelkit.loading import record_denoiser_calls, weights_fingerprint
+    from accelkit.passes.base import Program, config_from_dict, run_passes
+    from accelkit.runtime.pipeline import find_denoiser
+
+    _, denoiser = find_denoiser(pipe)
+    if check_weights:
+        expected = plan.data["model"].get("weights_hash")
+        actual = weights_fingerprint(denoiser)
+        if expected and expected != actual:
+            raise PlanMismatchError(
+                f"the plan in '{plan.path}' was made for other weights (hash {expected[:12]}, these are "
+                f"{actual[:12]}): optimize this model again"
+            )
+    scheduler = scheduler_identity(pipe)
+    if scheduler["class"] != plan.data["scheduler"]["class"]:
+        raise PlanMismatchError(
+            f"the plan was made with {plan.data['scheduler']['class']}, the pipeline uses {scheduler['class']}: "
+            "set the same scheduler or optimize again"
+        )
+    generation = plan.data["generation"]
+    calls = record_denoiser_calls(
+        pipe,
+        prompt=generation.get("probe_prompt", "a photo"),
+        num_inference_steps=2,
+        height=generation["height"],
+        width=generation["width"],
+        guidance_scale=generation["guidance_scale"],
+        generator=torch.Generator("cpu").manual_seed(0),
+        output_type="latent",
+    )
+    graph = capture(denoiser, calls[0])
+    program = Program.from_graph(graph, int(plan.data["baseline_steps"]))
+    configs = [config_from_dict(name, config) for name, config in plan.passes.items()]
+    program, _ = run_passes(program, configs, calib=None)
+    return program
+
+
+def load(out_dir: str | Path, pipe: Any, budget: str | None = None, *, compile: bool = False) -> Any:
+    """Rebuild the accelerated pipeline from ``out_dir``'s plan for ``budget``.
+
+    Args:
+        out_dir: the directory ``accelkit optimize --out`` wrote.
+        pipe: the same pipeline the plan was made for (weights and scheduler are checked).
+        budget: e.g. ``"2x"``; may be omitted when there is one plan.
+        compile: run graph variants through ``torch.compile``.
+
+    Raises:
+        InputError: no such plan.
+        PlanMismatchError: other weights, scheduler or plan schema.
+    """
+    from accelkit.runtime.pipeline import AcceleratedPipeline
+
+    plan = read_plan(out_dir, budget)
+    program = build_program(plan, pipe)
+    return AcceleratedPipeline(pipe, program, compile=compile, call_defaults=plan.call_defaults)

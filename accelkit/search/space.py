@@ -1,0 +1,66 @@
+"""Turn the passes' declared search spaces into Optuna suggestions (the only place that does)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from accelkit.passes.base import Choice, FloatRange, IntRange, PassConfig, registered_passes
+
+
+def suggest_configs(trial: Any, pass_names: Sequence[str], fixed: Mapping[str, Mapping[str, Any]] | None = None
+                    ) -> list[PassConfig]:
+    """Sample one config per pass from its ``SEARCH_SPACE``; parameters are named ``<pass>.<field>``.
+
+    Args:
+        trial: an ``optuna.Trial``.
+        pass_names: the passes to configure, in canonical order.
+        fixed: per pass, field values that override the search (not sampled).
+    """
+    passes = registered_passes()
+    configs: list[PassConfig] = []
+    for name in pass_names:
+        config_type = passes[name].config_type
+        values: dict[str, Any] = {}
+        for field, domain in config_type.SEARCH_SPACE.items():
+            key = f"{name}.{field}"
+            if fixed and field in fixed.get(name, {}):
+                values[field] = fixed[name][field]
+            elif isinstance(domain, IntRange):
+                values[field] = trial.suggest_int(key, domain.low, domain.high, step=domain.step, log=domain.log)
+            elif isinstance(domain, FloatRange):
+                values[field] = trial.suggest_float(key, domain.low, domain.high, log=domain.log)
+            elif isinstance(domain, Choice):
+                values[field] = trial.suggest_categorical(key, list(domain.options))
+            else:
+                raise TypeError(f"{name}.{field}: unsupported search domain {domain!r}")
+        configs.append(config_type(**values))
+    return configs
+
+
+def default_trials(pass_names: Sequence[str], targets: Sequence[float]) -> list[dict[str, Any]]:
+    """Seed parameters per budget, so a handful of trials already gives usable plans.
+
+    For each target speedup: the step count alone, the cache alone, and both sharing the speedup.
+    """
+    seeds: list[dict[str, Any]] = []
+    has_steps, has_cache = "steps" in pass_names, "cache" in pass_names
+    for target in targets:
+        if has_steps:
+            seeds.append({"steps.fraction": min(1.0, 1.0 / target), "steps.placement": "default",
+                          "steps.blend": 1.0, **({"cache.full_fraction": 1.0} if has_cache else {})})
+        if has_cache:
+            # A cached step still runs the first block, so aim a little below 1/target.
+            seed = {"cache.full_fraction": max(0.15, min(1.0, 0.9 / target)), "cache.first_blocks": 1,
+                    "cache.last_blocks": 0, "cache.approximation": "residual", "cache.schedule": "dp",
+                    "cache.prior": "residual", "cache.weighting": "quadratic", "cache.warmup": 1}
+            if has_steps:
+                seed.update({"steps.fraction": 1.0, "steps.placement": "default", "steps.blend": 1.0})
+            seeds.append(seed)
+        if has_steps and has_cache and target > 1.5:
+            share = target ** 0.5
+            seeds.append({"steps.fraction": min(1.0, 1.0 / share), "steps.placement": "default", "steps.blend": 1.0,
+                          "cache.full_fraction": max(0.15, min(1.0, 0.9 / share)), "cache.first_blocks": 1,
+                          "cache.last_blocks": 0, "cache.approximation": "taylor", "cache.schedule": "uniform",
+                          "cache.prior": "residual", "cache.weighting": "quadratic", "cache.warmup": 0})
+    return seeds
