@@ -53,6 +53,8 @@ def _load_folder(path: Path, dtype: torch.dtype) -> Any:
         index = json.loads(index_file.read_text())
     except json.JSONDecodeError as error:
         raise InputError(f"'{index_file}' is not valid JSON ({error.msg}): the pipeline folder is damaged") from None
+    if not isinstance(index, dict):
+        raise InputError(f"'{index_file}' does not hold a JSON object: the pipeline folder is damaged")
     class_name = str(index.get("_class_name", ""))
     if class_name == "ShapesPipeline":
         from accelkit.zoo.shapes.pipeline import ShapesPipeline
@@ -62,7 +64,8 @@ def _load_folder(path: Path, dtype: torch.dtype) -> Any:
 
     try:
         return DiffusionPipeline.from_pretrained(str(path), torch_dtype=dtype, use_safetensors=True)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, AttributeError) as error:
+        # AttributeError: model_index.json names a class diffusers does not have.
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise InputError(f"could not load the pipeline in '{path}': {first}") from error
 

@@ -99,7 +99,9 @@ class BlockIndex:
             for arg in node.all_input_nodes:
                 if arg.name not in span_nodes and arg.op != "get_attr" and arg.name not in inputs:
                     inputs.append(arg.name)
-            if any(user.name not in span_nodes for user in node.users):
+            # Weights (get_attr) are constants visible everywhere, never values the span produces:
+            # DiT's final layer reuses transformer_blocks.0.norm1.emb's weights after the blocks.
+            if node.op != "get_attr" and any(user.name not in span_nodes for user in node.users):
                 outputs.append(name)
         carried = tuple(
             name for name in inputs if all(order[u.name] <= last_span_position for u in nodes[name].users)

@@ -146,6 +146,10 @@ def _flatten_module(exported: torch.export.ExportedProgram, tensor_names: list[s
         # export's input guards re-check shapes on every call; the runtime checks the signature once.
         if node.op == "call_module" and str(node.target) == "_guards_fn":
             graph.erase_node(node)
+        # Metadata asserts count as side effects, which would keep every node they check alive through
+        # dead-code elimination (a cached span must vanish); shapes are checked once per call instead.
+        elif node.op == "call_function" and str(node.target).startswith("aten._assert_"):
+            graph.erase_node(node)
     for node in list(graph.nodes):
         if node.op == "placeholder" and node.name not in tensor_names and node.target not in tensor_names:
             if node.users:
@@ -161,7 +165,7 @@ def _flatten_module(exported: torch.export.ExportedProgram, tensor_names: list[s
     output = next(n for n in graph.nodes if n.op == "output")
     leaves, _ = pytree.tree_flatten(output.args[0])
     output.args = (tuple(leaves),)
-    graph.eliminate_dead_code()
+    eliminate_dead_nodes(graph)
     # A fresh GraphModule drops the unlifted module's pytree pre-hooks and shares its parameters.
     flat = fx.GraphModule(module, graph, class_name=type(module).__name__)
     flat.recompile()
@@ -230,3 +234,22 @@ def clone_graph_module(module: fx.GraphModule) -> fx.GraphModule:
 def replace_graph_signature(graph: DenoiserGraph, **changes: Any) -> DenoiserGraph:
     """Copy of ``graph`` with some fields replaced (dataclasses.replace for readability)."""
     return dataclasses.replace(graph, **changes)
+
+
+def eliminate_dead_nodes(graph: fx.Graph) -> int:
+    """Remove nodes whose results nobody uses; returns how many were removed.
+
+    ``fx.Graph.eliminate_dead_code`` keeps random-seeded ops such as ``scaled_dot_product_attention``
+    (tagged nondeterministic because of its dropout argument), which would keep a whole cached span
+    alive; the captured inference graphs are functional, so only mutating ops are kept here.
+    """
+    removed = 0
+    for node in reversed(list(graph.nodes)):
+        if node.op not in ("call_function", "call_method", "get_attr") or node.users:
+            continue
+        schema = getattr(node.target, "_schema", None)
+        if schema is not None and schema.is_mutable:
+            continue
+        graph.erase_node(node)
+        removed += 1
+    return removed

@@ -25,7 +25,7 @@ import torch
 from torch import fx
 
 from accelkit.capture.blocks import find_blocks
-from accelkit.capture.graph import clone_graph_module
+from accelkit.capture.graph import clone_graph_module, eliminate_dead_nodes
 from accelkit.errors import InputError
 from accelkit.passes import _cache_schedule as schedules
 from accelkit.passes.base import (
@@ -42,6 +42,7 @@ from accelkit.passes.base import (
 aten = torch.ops.aten
 
 PRIOR_KINDS = ("residual", "feature", "end_to_end")
+PRIOR_MAX_INTERVAL = 10
 APPROXIMATIONS = ("residual", "taylor")
 
 
@@ -246,7 +247,7 @@ def build_cached_variant(
         for user in list(out_node.users):
             if user.name not in span_nodes and user is not value:
                 user.replace_input_with(out_node, value)
-    graph.eliminate_dead_code()
+    eliminate_dead_nodes(graph)
     clone.recompile()
     return clone, tuple(state_names), tuple(scalar_names)
 
@@ -377,7 +378,8 @@ def cache(program: Program, config: CacheConfig, calib: Any) -> PassResult:
             objective = float(_mask_cost(costs, mask))
         else:
             probe = program.replace(variants={**program.variants, "full": full})
-            interval = min(steps - 1, max_gap)
+            # A fixed profiling window keeps one cached prior valid for every full-step count.
+            interval = min(steps - 1, PRIOR_MAX_INTERVAL)
             key = calib.cache_key("cache-prior", program, span=[span.start, span.stop], prior=config.prior,
                                   interval=interval)
             prior = calib.cached_array(key, lambda: profile_prior(calib, probe, config.prior, interval))

@@ -33,7 +33,15 @@ import torch
 
 from accelkit.errors import InputError
 from accelkit.passes._step_placement import equalize_local_error
-from accelkit.passes.base import Choice, FloatRange, GraphVariant, PassConfig, PassResult, Program, register_pass
+from accelkit.passes.base import (
+    Choice,
+    FloatRange,
+    GraphVariant,
+    PassConfig,
+    PassResult,
+    Program,
+    register_pass,
+)
 
 __all__ = ["PLACEMENTS", "StepsConfig", "error_density", "pipeline_schedule", "steps"]
 
@@ -41,8 +49,13 @@ PLACEMENTS = ("default", "equalized")
 FLOW_MATCH_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
 # Scheduler options that resample or reshape the whole sigma array (not pointwise), so chosen
 # sigmas could not be mapped back to the pipeline's ``sigmas`` argument.
-_UNSUPPORTED_OPTIONS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "shift_terminal",
-                        "invert_sigmas")
+_UNSUPPORTED_OPTIONS = (
+    "use_karras_sigmas",
+    "use_exponential_sigmas",
+    "use_beta_sigmas",
+    "shift_terminal",
+    "invert_sigmas",
+)
 _STATE = "steps.prediction"
 
 
@@ -81,7 +94,11 @@ class StepsConfig(PassConfig):
             raise InputError(f"steps.fraction must be in (0, 1], got {self.fraction}")
         if self.placement not in PLACEMENTS:
             raise InputError(f"steps.placement must be one of {PLACEMENTS}, got {self.placement!r}")
-        if isinstance(self.blend, bool) or not isinstance(self.blend, int | float) or not 0.0 <= self.blend <= 1.0:
+        if (
+            isinstance(self.blend, bool)
+            or not isinstance(self.blend, int | float)
+            or not 0.0 <= self.blend <= 1.0
+        ):
             raise InputError(f"steps.blend must be in [0, 1], got {self.blend!r}")
         if self.num_steps is not None and (
             isinstance(self.num_steps, bool) or not isinstance(self.num_steps, int) or self.num_steps < 1
@@ -92,9 +109,13 @@ class StepsConfig(PassConfig):
             if values.ndim != 1 or values.size == 0:
                 raise InputError("steps.sigmas must be a non-empty list of numbers (one per step) or None")
             if not (np.all(np.isfinite(values)) and np.all(values > 0) and np.all(np.diff(values) < 0)):
-                raise InputError(f"steps.sigmas must be positive and strictly decreasing, got {list(self.sigmas)}")
+                raise InputError(
+                    f"steps.sigmas must be positive and strictly decreasing, got {list(self.sigmas)}"
+                )
             if self.num_steps is not None and self.num_steps != values.size:
-                raise InputError(f"steps.num_steps={self.num_steps} but steps.sigmas has {values.size} values")
+                raise InputError(
+                    f"steps.num_steps={self.num_steps} but steps.sigmas has {values.size} values"
+                )
 
     def resolve_num_steps(self, baseline: int) -> int:
         """The step count this config runs for a program of ``baseline`` steps."""
@@ -107,7 +128,12 @@ class StepsConfig(PassConfig):
         return int(min(baseline, max(2, round(self.fraction * baseline))))
 
     def is_noop(self) -> bool:
-        return self.fraction == 1.0 and self.placement == "default" and self.num_steps is None and self.sigmas is None
+        return (
+            self.fraction == 1.0
+            and self.placement == "default"
+            and self.num_steps is None
+            and self.sigmas is None
+        )
 
 
 # ---------------------------------------------------------------- the pipeline's own schedule
@@ -175,7 +201,9 @@ def pipeline_schedule(calib: Any, num_steps: int) -> PipelineSchedule:
             f"{type(pipe).__name__} set {sigmas.size - 1} sigmas for num_inference_steps={num_steps}; "
             "use steps.placement='default'"
         )
-    extra = {k: v for k, v in recorded.items() if k not in ("num_inference_steps", "device", "sigmas", "timesteps")}
+    extra = {
+        k: v for k, v in recorded.items() if k not in ("num_inference_steps", "device", "sigmas", "timesteps")
+    }
     return PipelineSchedule(sigmas, extra)
 
 
@@ -216,7 +244,8 @@ def _unshift(scheduler: Any, targets: np.ndarray, extra: dict[str, Any]) -> np.n
         above = shifted >= targets
         high = np.where(above, mid, high)
         low = np.where(above, low, mid)
-    return high
+    # The scheduler casts its arguments to float32; round here so plans store what it will use.
+    return high.astype(np.float32).astype(np.float64)
 
 
 # ---------------------------------------------------------------- error density
@@ -295,8 +324,9 @@ def _measure_density(calib: Any, program: Program, sigmas: np.ndarray) -> np.nda
     cfg_batch = None
     if float(getattr(calib, "guidance_scale", 1.0)) > 1.0:
         cfg_batch = int(getattr(calib, "extra_call_kwargs", {}).get("num_images_per_prompt", 1) or 1)
-    return error_density(generation.state_logs, sigmas, guidance_scale=float(calib.guidance_scale),
-                         cfg_batch=cfg_batch)
+    return error_density(
+        generation.state_logs, sigmas, guidance_scale=float(calib.guidance_scale), cfg_batch=cfg_batch
+    )
 
 
 # ---------------------------------------------------------------- the pass
@@ -322,8 +352,11 @@ def steps(program: Program, config: StepsConfig, calib: Any) -> PassResult:
     """
     before = program.num_steps
     if config.is_noop():
-        return PassResult(program, modified=False, stats={"steps_before": before, "steps_after": before,
-                                                          "placement": "default", "sigmas": None})
+        return PassResult(
+            program,
+            modified=False,
+            stats={"steps_before": before, "steps_after": before, "placement": "default", "sigmas": None},
+        )
     if any(name != "full" for name in program.schedule):
         raise InputError(
             f"the steps pass needs a program that runs the full denoiser at every step, got schedule "
@@ -344,15 +377,18 @@ def steps(program: Program, config: StepsConfig, calib: Any) -> PassResult:
         arguments = None
     else:
         if calib is None:
-            raise InputError("steps.placement='equalized' needs calibration data; pass a Calibrator or steps.sigmas")
+            raise InputError(
+                "steps.placement='equalized' needs calibration data; pass a Calibrator or steps.sigmas"
+            )
         scheduler = calib.pipe.scheduler
         _check_flow_match(scheduler)
         baseline = pipeline_schedule(calib, before)
         reference = pipeline_schedule(calib, count)
         key = calib.cache_key("steps-density", program)
         density = calib.cached_array(key, lambda: _measure_density(calib, program, baseline.sigmas))
-        effective = equalize_local_error(baseline.sigmas, density, count, order=1, blend=config.blend,
-                                         reference=reference.sigmas)
+        effective = equalize_local_error(
+            baseline.sigmas, density, count, order=1, blend=config.blend, reference=reference.sigmas
+        )
         extra = reference.set_timesteps_kwargs
         values = _unshift(scheduler, effective[:-1], extra)
         reached = _apply_shift(scheduler, values, extra)
@@ -362,14 +398,23 @@ def steps(program: Program, config: StepsConfig, calib: Any) -> PassResult:
                 "use steps.placement='default'"
             )
         arguments = tuple(float(v) for v in values)
-        stats.update(blend=config.blend, density=_finite_list(density),
-                     baseline_sigmas=_finite_list(baseline.sigmas), effective_sigmas=_finite_list(effective))
+        stats.update(
+            blend=config.blend,
+            density=_finite_list(density),
+            baseline_sigmas=_finite_list(baseline.sigmas),
+            effective_sigmas=_finite_list(effective),
+        )
         mu = extra.get("mu")
         if mu is not None and isinstance(mu, int | float) and math.isfinite(float(mu)):
             stats["mu"] = float(mu)
     stats["sigmas"] = None if arguments is None else list(arguments)
-    resolved = StepsConfig(fraction=config.fraction, placement=config.placement, blend=config.blend,
-                           num_steps=count, sigmas=arguments)
+    resolved = StepsConfig(
+        fraction=config.fraction,
+        placement=config.placement,
+        blend=config.blend,
+        num_steps=count,
+        sigmas=arguments,
+    )
     if count == before and arguments is None and program.sigmas is None:
         # Same step count at the pipeline's own spacing: the program is already that.
         return PassResult(program, modified=False, stats=stats, resolved_config=resolved)

@@ -155,9 +155,7 @@ def _generation_defaults(pipe: Any, settings: OptimizeSettings, source: str) -> 
         from accelkit.zoo import ZOO_MODELS
 
         info = ZOO_MODELS[(settings.model or "zoo:shapes").removeprefix("zoo:")]
-        info = info if isinstance(info, dict) else getattr(info, "__dict__", {})
-        defaults = {"height": info.get("height", 32), "width": info.get("width", 32),
-                    "guidance_scale": info.get("guidance_scale", 3.0)}
+        defaults = {"height": info.height, "width": info.width, "guidance_scale": info.guidance_scale}
     else:
         denoiser = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
         sample = getattr(denoiser.config, "sample_size", 64) if denoiser is not None else 64
@@ -293,7 +291,7 @@ def optimize(settings: OptimizeSettings, *, console: Any = None, progress: bool 
             trial.set_user_attr("passes", resolved)
             trial.set_user_attr("speedup", speedup)
             trial.set_user_attr("flops", cost.flops)
-            trial.set_constraint([lowest * (1 - SPEEDUP_TOLERANCE) - speedup])
+            trial.set_constraint("lowest_budget", lowest * (1 - SPEEDUP_TOLERANCE) - speedup)
             if speedup < lowest * (1 - SPEEDUP_TOLERANCE):
                 # Too slow for any budget: skip the costly generation, record why.
                 trial.set_user_attr("skipped", "slower than the lowest budget")

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-__all__ = ["SHAPES_TRANSFORMER_CONFIG", "SHAPES_TEXT_ENCODER_CONFIG", "SHAPES_SCHEDULER_CONFIG", "build_pipeline"]
+__all__ = [
+    "SHAPES_TRANSFORMER_CONFIG",
+    "SHAPES_TEXT_ENCODER_CONFIG",
+    "SHAPES_SCHEDULER_CONFIG",
+    "build_pipeline",
+]
 
 # Architecture of the shipped model, shared by the training script, the tests and the registry.
 # 3 heads x 64 = 192 wide; RoPE axes (id 0 unused, rows, cols) sum to the head dim.
@@ -53,4 +58,8 @@ def build_pipeline(
         vocabulary=list(VOCABULARY), **{**SHAPES_TEXT_ENCODER_CONFIG, **(text_encoder_config or {})}
     )
     scheduler = FlowMatchEulerDiscreteScheduler(**SHAPES_SCHEDULER_CONFIG)
+    # eval(), like from_pretrained: nn.TransformerEncoder takes a different (fused) path in eval mode,
+    # so a fresh pipeline and its saved-and-reloaded copy only match exactly if both are in eval.
+    transformer.eval()
+    text_encoder.eval()
     return ShapesPipeline(transformer=transformer, text_encoder=text_encoder, scheduler=scheduler)

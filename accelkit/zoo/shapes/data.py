@@ -209,7 +209,9 @@ def generate_batch(
     background = _randint(len(BACKGROUND_COLOURS), (b,), g)
     position = _randint(len(POSITIONS), (b,), g)
     size_idx = _randint(len(SIZES), (b, 3), g)
-    radius = torch.where(size_idx == 0, _uniform((b, 3), *_RADIUS["small"], g), _uniform((b, 3), *_RADIUS["large"], g))
+    radius = torch.where(
+        size_idx == 0, _uniform((b, 3), *_RADIUS["small"], g), _uniform((b, 3), *_RADIUS["large"], g)
+    )
     u = _uniform((b, 3, 2), 0.0, 1.0, g)  # free jitter of centres, mapped per template below
 
     # Centres for one object: free anywhere, or inside the named region.
@@ -245,7 +247,9 @@ def generate_batch(
     r_cap = torch.clamp(cell / 2 - 1.0, max=7.0)
     radius_multi = torch.minimum(radius, r_cap[:, None])
     slot = torch.arange(3, device=device, dtype=radius.dtype)
-    along = cell[:, None] * (slot + 0.5) + (u[..., 0] - 0.5) * torch.clamp(cell[:, None] - 2 * radius_multi - 2, min=0)
+    along = cell[:, None] * (slot + 0.5) + (u[..., 0] - 0.5) * torch.clamp(
+        cell[:, None] - 2 * radius_multi - 2, min=0
+    )
     across_margin = radius_multi + 1.0
     across = across_margin + u[..., 1] * (s - 2 * across_margin)
     vertical = (kind == _KIND_ABOVE)[:, None]
@@ -271,7 +275,10 @@ def generate_batch(
     angle = _uniform((b,), 0.0, 2 * torch.pi, g)
     strength = _uniform((b,), 0.0, 0.12, g) * (_uniform((b,), 0.0, 1.0, g) < 0.5)
     ramp = (coords - s / 2) / s
-    gradient = torch.cos(angle)[:, None, None] * ramp[None, None, :] + torch.sin(angle)[:, None, None] * ramp[None, :, None]
+    gradient = (
+        torch.cos(angle)[:, None, None] * ramp[None, None, :]
+        + torch.sin(angle)[:, None, None] * ramp[None, :, None]
+    )
     images = bg_palette[background][:, :, None, None] + (strength[:, None, None] * gradient)[:, None]
     for k in range(3):
         alpha = coverage[:, k, None]
@@ -293,7 +300,5 @@ def generate_batch(
     kind_l, shape_l, colour_l, size_l, pos_l = (
         t.tolist() for t in (kind, shape, colour, size_idx[:, 0], position)
     )
-    captions = [
-        caption_for(kind_l[i], shape_l[i], colour_l[i], SIZES[size_l[i]], pos_l[i]) for i in range(b)
-    ]
+    captions = [caption_for(kind_l[i], shape_l[i], colour_l[i], SIZES[size_l[i]], pos_l[i]) for i in range(b)]
     return ShapesBatch(images=images, captions=captions, labels=labels)

@@ -9,6 +9,8 @@ is the point: accelkit captures and replaces the denoiser, and what works here m
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
@@ -68,6 +70,20 @@ class ShapesPipeline(DiffusionPipeline):
         super().__init__()
         self.register_modules(transformer=transformer, text_encoder=text_encoder, scheduler=scheduler)
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> ShapesPipeline:
+        """``DiffusionPipeline.from_pretrained``, but float32 unless a dtype is asked for.
+
+        The shipped weights are stored as float16 to stay small; without this, whether they load as
+        float16 or float32 would depend on whether ``accelerate`` happens to be installed.
+        """
+        if kwargs.get("torch_dtype") is None and kwargs.get("dtype") is None:
+            kwargs["torch_dtype"] = torch.float32
+        with warnings.catch_warnings():
+            # diffusers >= 0.36 renames torch_dtype to dtype; older releases only know torch_dtype.
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
     @torch.no_grad()
     def encode_prompt(
         self, prompt: list[str], device: torch.device
@@ -126,8 +142,9 @@ class ShapesPipeline(DiffusionPipeline):
 
         channels = self.transformer.config.in_channels // (PATCH * PATCH)
         if latents is None:
-            noise = randn_tensor((batch, channels, height, width), generator=generator, device=device,
-                                 dtype=torch.float32)
+            noise = randn_tensor(
+                (batch, channels, height, width), generator=generator, device=device, dtype=torch.float32
+            )
             latents = pack(noise)
         else:
             latents = latents.to(device=device, dtype=torch.float32)

@@ -203,7 +203,9 @@ def test_validate_catches_missing_full_scalars_state_and_sigmas(dit):
         program.replace(sigmas=(1.0, 0.5)).validate()
     reader = GraphVariant(program.variants["full"].module, state_inputs=("s",))
     with pytest.raises(ValueError, match="nobody wrote"):
-        program.replace(variants={"full": program.variants["full"], "r": reader}, schedule=("r",) * 3).validate()
+        program.replace(
+            variants={"full": program.variants["full"], "r": reader}, schedule=("r",) * 3
+        ).validate()
 
 
 def test_validate_catches_placeholder_count(dit):

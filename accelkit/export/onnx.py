@@ -1,0 +1,725 @@
+"""Export a :class:`Program`'s graph variants to ONNX, checked against PyTorch with onnxruntime.
+
+One model per graph variant (``full.onnx``, ``cached.onnx`` ...) through the dynamo-based
+``torch.onnx.export`` (the TorchScript exporter fails on Flux's ``rms_norm``). Each model keeps the
+variant's flat calling convention::
+
+    inputs:  *user inputs (the denoiser's tensor kwargs), *state inputs, *scalar inputs
+    outputs: out0 .. out{n-1} (the denoiser's flat outputs), *state outputs
+
+State names are sanitized for ONNX (``"cache.r0@prev"`` -> ``"cache_r0_prev"``); ``manifest.json``
+maps every ONNX name back to its state name and lists every file with its sha256, the opset, the
+verification error and whether the batch dimension is dynamic. The directory is written to a
+temporary sibling and renamed into place, so readers see the old export or the whole new one.
+
+Custom ops of the ``accelkit::`` namespace (quantized matmuls, sparse attention ...) need an ONNX
+lowering registered with :func:`register_onnx_lowering`; a graph holding one without a lowering is
+refused before anything is traced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import re
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import fx
+
+from accelkit._io import atomic_directory, atomic_write_json
+from accelkit.capture.graph import clone_graph_module
+from accelkit.errors import AccelkitError
+from accelkit.passes.base import GraphVariant, Program
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_SCHEMA = 1
+DEFAULT_OPSET = 21
+# ||ort - torch|| / ||torch|| allowed per output; low-precision outputs get the looser bound.
+FP32_TOLERANCE = 1e-4
+LOW_PRECISION_TOLERANCE = 1e-2
+# Above this many bytes of weights a model is saved with external data (protobuf stops at 2 GiB).
+EXTERNAL_DATA_BYTES = 1 << 30
+CUSTOM_NAMESPACE = "accelkit"
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "MANIFEST_NAME",
+    "OnnxExportError",
+    "export_program_onnx",
+    "example_inputs",
+    "onnx_lowerings",
+    "read_manifest",
+    "register_onnx_lowering",
+    "sanitize_name",
+    "to_numpy",
+    "verify_files",
+]
+
+
+class OnnxExportError(AccelkitError):
+    """A graph variant could not be exported to ONNX or its model disagrees with PyTorch."""
+
+
+# ---------------------------------------------------------------- custom-op lowerings
+
+_LOWERINGS: dict[str, Callable[..., Any]] = {}
+
+
+def _qualified(op_name: str) -> str:
+    return op_name if "::" in op_name else f"{CUSTOM_NAMESPACE}::{op_name}"
+
+
+def register_onnx_lowering(op_name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Register the ONNX lowering of a custom op.
+
+    Args:
+        op_name: ``"accelkit::<op>"`` (``"<op>"`` alone means the accelkit namespace); an overload is
+            named ``"accelkit::<op>.<overload>"``, the plain name covers the default overload.
+        fn: an onnxscript function with the op's signature, as ``torch.onnx.export``'s
+            ``custom_translation_table`` takes it.
+
+    Returns:
+        ``fn`` (so it can be used as a decorator via ``functools.partial``).
+    """
+    _LOWERINGS[_qualified(op_name)] = fn
+    return fn
+
+
+def onnx_lowerings() -> dict[str, Callable[..., Any]]:
+    """The registered lowerings by qualified op name (a copy)."""
+    return dict(_LOWERINGS)
+
+
+def _custom_op_name(target: Any) -> str | None:
+    """``"accelkit::op"`` (or ``"accelkit::op.overload"``) for a node target of the custom namespace."""
+    if not isinstance(target, torch._ops.OpOverload):
+        return None
+    if target.namespace != CUSTOM_NAMESPACE:
+        return None
+    name = target._schema.name
+    overload = target._overloadname
+    return name if overload in ("", "default") else f"{name}.{overload}"
+
+
+def _translation_table(module: fx.GraphModule) -> dict[Any, Callable[..., Any]]:
+    """Lowerings for the custom ops ``module`` calls; refuse ops that have none."""
+    table: dict[Any, Callable[..., Any]] = {}
+    missing: list[str] = []
+    for node in module.graph.nodes:
+        if node.op != "call_function":
+            continue
+        name = _custom_op_name(node.target)
+        if name is None:
+            continue
+        fn = _LOWERINGS.get(name) or _LOWERINGS.get(name.split(".")[0])
+        if fn is None:
+            if name not in missing:
+                missing.append(name)
+            continue
+        table[node.target] = fn
+    if missing:
+        raise OnnxExportError(
+            f"no ONNX lowering for {', '.join(missing)}: register one with "
+            "accelkit.export.onnx.register_onnx_lowering(name, onnxscript_function), or export a program "
+            "made without the pass that inserted it"
+        )
+    return table
+
+
+# ---------------------------------------------------------------- names and example inputs
+
+
+def sanitize_name(name: str) -> str:
+    """An ONNX-friendly value name: ``"cache.r0@prev"`` -> ``"cache_r0_prev"``."""
+    cleaned = re.sub(r"[^0-9A-Za-z_]", "_", name)
+    return cleaned if cleaned and not cleaned[0].isdigit() else f"_{cleaned}"
+
+
+def _dtype(name: str) -> torch.dtype:
+    value = getattr(torch, name.removeprefix("torch."), None)
+    if not isinstance(value, torch.dtype):
+        raise OnnxExportError(f"unknown dtype {name!r} in the graph's input specs")
+    return value
+
+
+def _embedding_bound(module: fx.GraphModule, placeholder: fx.Node, depth: int = 4) -> int | None:
+    """Rows of the embedding table an integer input indexes (through a few ops), if any."""
+    frontier, seen = [placeholder], set()
+    for _ in range(depth):
+        following = []
+        for node in frontier:
+            for user in node.users:
+                if user in seen:
+                    continue
+                seen.add(user)
+                if user.op == "call_function" and user.target is torch.ops.aten.embedding.default:
+                    weight = user.args[0].meta.get("val") if isinstance(user.args[0], fx.Node) else None
+                    if isinstance(weight, torch.Tensor):
+                        return int(weight.shape[0])
+                following.append(user)
+        frontier = following
+    return None
+
+
+def example_inputs(program: Program, *, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random user inputs with the shapes/dtypes of ``program.graph.input_specs``.
+
+    Integer inputs get values the model accepts: indices into an embedding table stay below its row
+    count, masks are all ones, integer timesteps lie in ``[0, 1000)``, anything else is zero.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    module = program.graph.module
+    placeholders = [n for n in module.graph.nodes if n.op == "placeholder"]
+    values: dict[str, torch.Tensor] = {}
+    for index, (name, spec) in enumerate(
+        zip(program.graph.input_names, program.graph.input_specs, strict=True)
+    ):
+        dtype = _dtype(spec.dtype)
+        shape = tuple(spec.shape)
+        if dtype.is_floating_point:
+            value = torch.randn(shape, generator=generator, dtype=torch.float32).to(dtype)
+        elif dtype == torch.bool:
+            value = torch.ones(shape, dtype=torch.bool)
+        else:
+            lowered = name.lower()
+            bound = _embedding_bound(module, placeholders[index]) if index < len(placeholders) else None
+            if bound is not None:
+                value = torch.randint(0, bound, shape, generator=generator)
+            elif "mask" in lowered:
+                value = torch.ones(shape, dtype=torch.int64)
+            elif "timestep" in lowered:
+                value = torch.randint(0, 1000, shape, generator=generator)
+            else:
+                value = torch.zeros(shape, dtype=torch.int64)
+            value = value.to(dtype)
+        values[name] = value
+    return values
+
+
+# ---------------------------------------------------------------- graph preparation
+
+
+def _prepare_module(module: fx.GraphModule) -> fx.GraphModule:
+    """A clone of ``module`` with ONNX-hostile no-ops removed (the caller's graph is untouched).
+
+    ``aten.squeeze.dim`` on a dimension whose size is not 1 is a no-op in PyTorch, but onnxscript's
+    lowering (0.7) emits an ONNX ``Squeeze`` that onnxruntime rejects at load time (PixArt's
+    ``hidden_states.squeeze(1)`` after its caption projection).
+    """
+    clone = clone_graph_module(module)
+    graph = clone.graph
+    changed = False
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in (
+            torch.ops.aten.squeeze.dim,
+            torch.ops.aten.squeeze.dims,
+        ):
+            continue
+        source = node.args[0]
+        value = source.meta.get("val") if isinstance(source, fx.Node) else None
+        if not isinstance(value, torch.Tensor):
+            continue
+        dims = node.args[1] if len(node.args) > 1 else ()
+        dims = [dims] if isinstance(dims, int) else list(dims)
+        rank = value.dim()
+        keep = []
+        for dim in dims:
+            size = value.shape[dim % rank] if rank else 1
+            if not isinstance(size, int) or size == 1:
+                keep.append(dim)
+        if len(keep) == len(dims):
+            continue
+        changed = True
+        if not keep:
+            node.replace_all_uses_with(source)
+            graph.erase_node(node)
+        else:
+            node.target = torch.ops.aten.squeeze.dims
+            node.args = (source, keep)
+    if changed:
+        graph.lint()
+        clone.recompile()
+    return clone
+
+
+# ---------------------------------------------------------------- export of one variant
+
+
+def _batch_dynamic_shapes(args: tuple[torch.Tensor, ...], batch: int) -> tuple[Any, ...]:
+    """dim 0 marked dynamic for every tensor whose leading dimension is the batch (0-d scalars never)."""
+    dim = torch.export.Dim("batch", min=1, max=4096)
+    return tuple({0: dim} if value.dim() >= 1 and int(value.shape[0]) == batch else None for value in args)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    head = lines[0] if lines else type(error).__name__
+    # torch.export's constraint errors put the useful sentence on the second line.
+    if len(lines) > 1 and "Constraints violated" in head:
+        head = f"{head} {lines[1].lstrip('- ')}"
+    return head[:400]
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence the exporter's progress prints and routine warnings (errors still raise)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+
+
+def _export_exported_program(
+    module: fx.GraphModule, args: tuple[torch.Tensor, ...], dynamic: bool, batch: int
+) -> tuple[torch.export.ExportedProgram, bool, str | None]:
+    """``torch.export`` the variant, dynamic in the batch when asked and possible.
+
+    torch.onnx.export refines dynamic dims it cannot keep into constants silently, so the dynamic
+    attempt is made here, where a specialization raises and the fallback can be recorded.
+    """
+    reason = None
+    if dynamic:
+        try:
+            with _quiet(), torch.no_grad():
+                exported = torch.export.export(
+                    module, args, dynamic_shapes=_batch_dynamic_shapes(args, batch), strict=False
+                )
+            return exported, True, None
+        except Exception as error:  # noqa: BLE001 - any failure means: fall back to a static batch
+            reason = "dynamic batch export failed, exported with the captured batch instead: " + _first_line(
+                error
+            )
+            logger.warning("ONNX export: %s", reason)
+    try:
+        with _quiet(), torch.no_grad():
+            exported = torch.export.export(module, args, strict=False)
+    except Exception as error:  # noqa: BLE001
+        raise OnnxExportError(f"torch.export of the graph variant failed: {_first_line(error)}") from error
+    return exported, False, reason
+
+
+def _weights_bytes(module: torch.nn.Module) -> int:
+    total = sum(p.numel() * p.element_size() for p in module.parameters())
+    return total + sum(b.numel() * b.element_size() for b in module.buffers())
+
+
+def _rel_error(actual: np.ndarray, expected: np.ndarray) -> float:
+    expected64 = expected.astype(np.float64)
+    diff = float(np.linalg.norm(actual.astype(np.float64) - expected64))
+    scale = float(np.linalg.norm(expected64))
+    if scale == 0.0:
+        return diff
+    return diff / scale
+
+
+def to_numpy(value: torch.Tensor) -> np.ndarray:
+    """A numpy copy of ``value`` for onnxruntime (bfloat16 has no numpy dtype and is refused)."""
+    if value.dtype == torch.bfloat16:
+        raise OnnxExportError(
+            "bfloat16 tensors cannot be fed to onnxruntime through numpy; use float16/float32"
+        )
+    return value.detach().cpu().contiguous().numpy()
+
+
+def _io_entry(name: str, role: str, value: torch.Tensor, dynamic: bool, source: str | None = None) -> dict:
+    shape: list[Any] = [int(s) for s in value.shape]
+    if dynamic and shape:
+        shape[0] = "batch"
+    entry = {"name": name, "role": role, "shape": shape, "dtype": str(value.dtype).removeprefix("torch.")}
+    if source is not None:
+        entry["source"] = source
+    return entry
+
+
+def _onnx_dim_is_symbolic(model_path: Path, input_name: str) -> bool:
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    for value in model.graph.input:
+        if value.name == input_name:
+            dims = value.type.tensor_type.shape.dim
+            return bool(dims) and dims[0].HasField("dim_param")
+    return False
+
+
+def _export_variant(
+    name: str,
+    variant: GraphVariant,
+    program: Program,
+    user_inputs: dict[str, torch.Tensor],
+    states: dict[str, torch.Tensor],
+    scalars: dict[str, torch.Tensor],
+    directory: Path,
+    *,
+    opset: int,
+    dynamic_batch: bool,
+    verify: bool,
+    optimize: bool,
+) -> tuple[dict[str, Any], tuple[torch.Tensor, ...]]:
+    import onnx
+    import onnxruntime as ort
+
+    graph = program.graph
+    num_user = graph.num_user_outputs
+    module = _prepare_module(variant.module)
+    table = _translation_table(module)
+    missing = [s for s in variant.state_inputs if s not in states]
+    if missing:
+        raise OnnxExportError(f"variant '{name}' reads state {missing} that no exported variant writes")
+    user_args = [user_inputs[n] for n in graph.input_names]
+    state_args = [states[s] for s in variant.state_inputs]
+    scalar_args = [scalars[s] for s in variant.scalar_inputs]
+    args = tuple(user_args + state_args + scalar_args)
+
+    with torch.no_grad():
+        reference = tuple(variant.module(*args))
+    if len(reference) != num_user + len(variant.state_outputs):
+        raise OnnxExportError(
+            f"variant '{name}' returns {len(reference)} outputs, expected {num_user} user + "
+            f"{len(variant.state_outputs)} state outputs"
+        )
+
+    input_names = [
+        *graph.input_names,
+        *(sanitize_name(s) for s in variant.state_inputs),
+        *(sanitize_name(s) for s in variant.scalar_inputs),
+    ]
+    if len(set(input_names)) != len(input_names):
+        raise OnnxExportError(f"variant '{name}': input names collide after sanitizing: {input_names}")
+    output_names = [f"out{i}" for i in range(num_user)]
+    for state in variant.state_outputs:
+        candidate = sanitize_name(state)
+        # A variant that reads and writes the same state needs two ONNX names for it.
+        if candidate in input_names or candidate in output_names:
+            candidate = f"{candidate}_out"
+        output_names.append(candidate)
+
+    batch = int(user_args[0].shape[0]) if user_args and user_args[0].dim() >= 1 else 1
+    started = time.perf_counter()
+    exported, dynamic, fallback_reason = _export_exported_program(module, args, dynamic_batch, batch)
+    try:
+        with _quiet():
+            onnx_program = torch.onnx.export(
+                exported,
+                args,
+                dynamo=True,
+                input_names=input_names,
+                output_names=output_names,
+                opset_version=opset,
+                custom_translation_table=table or None,
+                optimize=optimize,
+                verbose=False,
+            )
+    except Exception as error:  # noqa: BLE001
+        raise OnnxExportError(f"ONNX conversion of variant '{name}' failed: {_first_line(error)}") from error
+    path = directory / f"{name}.onnx"
+    external = _weights_bytes(variant.module) > EXTERNAL_DATA_BYTES
+    with _quiet():
+        onnx_program.save(str(path), external_data=external)
+    export_seconds = time.perf_counter() - started
+
+    # The path form of the checker handles models with external data beyond 2 GiB.
+    try:
+        onnx.checker.check_model(str(path))
+    except Exception as error:  # noqa: BLE001
+        raise OnnxExportError(f"{path.name} fails the ONNX checker: {_first_line(error)}") from error
+    model = onnx.load(str(path), load_external_data=False)
+    actual_opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), opset)
+
+    if dynamic and graph.input_names:
+        dynamic = _onnx_dim_is_symbolic(path, graph.input_names[0])
+        if not dynamic and fallback_reason is None:
+            fallback_reason = "the exporter kept the batch dimension static"
+
+    errors: dict[str, float] = {}
+    if verify:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        feeds = {n: to_numpy(a) for n, a in zip(input_names, args, strict=True)}
+        outputs = session.run(output_names, feeds)
+        for out_name, actual, expected in zip(output_names, outputs, reference, strict=True):
+            expected_np = to_numpy(expected)
+            if tuple(actual.shape) != tuple(expected_np.shape):
+                raise OnnxExportError(
+                    f"{path.name}: output {out_name} has shape {list(actual.shape)} in onnxruntime, "
+                    f"{list(expected_np.shape)} in PyTorch"
+                )
+            errors[out_name] = _rel_error(actual, expected_np)
+        bad = {}
+        for out_name, expected in zip(output_names, reference, strict=True):
+            tolerance = (
+                FP32_TOLERANCE
+                if expected.dtype in (torch.float32, torch.float64)
+                else LOW_PRECISION_TOLERANCE
+            )
+            if not expected.dtype.is_floating_point:
+                tolerance = 0.0
+            if not errors[out_name] <= tolerance:
+                bad[out_name] = (errors[out_name], tolerance)
+        if bad:
+            detail = ", ".join(f"{k}: {v:.3g} > {t:g}" for k, (v, t) in bad.items())
+            raise OnnxExportError(
+                f"{path.name} disagrees with PyTorch in onnxruntime (relative error {detail})"
+            )
+
+    inputs = [
+        _io_entry(n, "user", a, dynamic and a.dim() >= 1 and int(a.shape[0]) == batch)
+        for n, a in zip(graph.input_names, user_args, strict=True)
+    ]
+    inputs += [
+        _io_entry(sanitize_name(s), "state", a, dynamic and a.dim() >= 1 and int(a.shape[0]) == batch, s)
+        for s, a in zip(variant.state_inputs, state_args, strict=True)
+    ]
+    inputs += [
+        _io_entry(sanitize_name(s), "scalar", a, False, s)
+        for s, a in zip(variant.scalar_inputs, scalar_args, strict=True)
+    ]
+    outputs_meta = []
+    for index, (out_name, value) in enumerate(zip(output_names, reference, strict=True)):
+        is_state = index >= num_user
+        source = variant.state_outputs[index - num_user] if is_state else None
+        outputs_meta.append(
+            _io_entry(
+                out_name,
+                "state" if is_state else "user",
+                value,
+                dynamic and value.dim() >= 1 and int(value.shape[0]) == batch,
+                source,
+            )
+        )
+    entry = {
+        "variant": name,
+        "file": path.name,
+        "opset": int(actual_opset),
+        "inputs": inputs,
+        "outputs": outputs_meta,
+        "dynamic_batch": bool(dynamic),
+        "dynamic_batch_note": fallback_reason,
+        "optimized": bool(optimize),
+        "external_data": bool(external),
+        "verification": {
+            "provider": "CPUExecutionProvider",
+            "relative_error": errors,
+            "max_relative_error": max(errors.values(), default=0.0),
+        }
+        if verify
+        else None,
+        "export_seconds": round(export_seconds, 3),
+    }
+    return entry, reference
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _program_meta(program: Program) -> dict[str, Any]:
+    """What a runner needs to replay the schedule without the PyTorch program."""
+    graph = program.graph
+    return {
+        "family": graph.family,
+        "input_names": list(graph.input_names),
+        "input_specs": [s.to_dict() for s in graph.input_specs],
+        "num_user_outputs": graph.num_user_outputs,
+        "schedule": list(program.schedule),
+        "step_scalars": {k: [float(v) for v in values] for k, values in program.step_scalars.items()},
+        "variants": {
+            name: {
+                "state_inputs": list(v.state_inputs),
+                "state_outputs": list(v.state_outputs),
+                "scalar_inputs": list(v.scalar_inputs),
+            }
+            for name, v in program.variants.items()
+        },
+        "applied": list(program.applied),
+    }
+
+
+def _variant_order(program: Program) -> list[str]:
+    """Variants in an order where every state read was written by an earlier one ("full" first)."""
+    names = ["full", *sorted(n for n in program.variants if n != "full")]
+    ordered: list[str] = []
+    written: set[str] = set()
+    pending = list(names)
+    while pending:
+        for name in pending:
+            needs = {s.removesuffix("@prev") for s in program.variants[name].state_inputs}
+            if needs <= written:
+                ordered.append(name)
+                written.update(program.variants[name].state_outputs)
+                pending.remove(name)
+                break
+        else:
+            raise OnnxExportError(f"variants {pending} read state that no variant writes")
+    return ordered
+
+
+def export_program_onnx(
+    program: Program,
+    directory: str | Path,
+    *,
+    opset: int = DEFAULT_OPSET,
+    dynamic_batch: bool = True,
+    inputs: Mapping[str, torch.Tensor] | None = None,
+    variants: tuple[str, ...] | None = None,
+    verify: bool = True,
+    optimize: bool = True,
+) -> dict[str, Any]:
+    """Export every graph variant of ``program`` to ``directory/<variant>.onnx`` and verify it.
+
+    Args:
+        program: the program to export (not mutated).
+        directory: the output folder; replaced atomically (a failure leaves an old export intact).
+        opset: the ONNX opset requested from the exporter.
+        dynamic_batch: try to make dim 0 of batch-carrying inputs dynamic; where the graph pins the
+            batch (a capture bakes it into view sizes), the model is exported static and the
+            manifest says so (``dynamic_batch: false`` with ``dynamic_batch_note``).
+        inputs: example user inputs by name (default: random tensors from ``program.graph.input_specs``
+            with valid integer values, see :func:`example_inputs`).
+        variants: the variants to export (default: all).
+        verify: run each model in onnxruntime (CPU) and compare with PyTorch; the relative error
+            ``||ort - torch|| / ||torch||`` of every float32 output must stay below 1e-4.
+        optimize: run onnxscript's graph optimizer (constant folding, fusions) on each model; about
+            half the export time on small models.
+
+    Returns:
+        The manifest (also written as ``manifest.json``): the files with their sha256, and per
+        variant its inputs/outputs with shapes and dtypes, opset, verification error and batch mode.
+
+    Raises:
+        OnnxExportError: a custom op has no lowering, export failed, the checker refused the model,
+            or onnxruntime disagrees with PyTorch.
+    """
+    program.validate()
+    directory = Path(directory)
+    user_inputs = dict(inputs) if inputs is not None else example_inputs(program)
+    # Example tensors go where the weights are (a program captured on GPU is exported from GPU).
+    device = next(iter(program.graph.module.parameters()), torch.empty(0)).device
+    user_inputs = {k: v.to(device) for k, v in user_inputs.items()}
+    missing = [n for n in program.graph.input_names if n not in user_inputs]
+    if missing:
+        raise OnnxExportError(f"example inputs lack {missing}")
+    order = _variant_order(program)
+    selected = order if variants is None else [n for n in order if n in variants]
+    unknown = sorted(set(variants or ()) - set(program.variants))
+    if unknown:
+        raise OnnxExportError(f"program has no variant(s) {unknown}; it has {sorted(program.variants)}")
+    # Refuse unknown custom ops up front, before any (slow) tracing.
+    for name in selected:
+        _translation_table(program.variants[name].module)
+
+    # Scalars are fed non-zero so the Taylor term is exercised by the verification.
+    scalars = {}
+    for variant in program.variants.values():
+        for scalar in variant.scalar_inputs:
+            values = [abs(v) for v in program.step_scalars.get(scalar, ())]
+            scalars[scalar] = torch.tensor(
+                max(values, default=0.0) or 0.5, dtype=torch.float32, device=device
+            )
+
+    states: dict[str, torch.Tensor] = {}
+    files: list[dict[str, Any]] = []
+    models: list[dict[str, Any]] = []
+    with atomic_directory(directory) as tmp:
+        for name in order:
+            variant = program.variants[name]
+            if name not in selected:
+                if variant.state_outputs and not set(variant.state_outputs) <= set(states):
+                    _record_states(program, variant, user_inputs, states, scalars)
+                continue
+            entry, reference = _export_variant(
+                name,
+                variant,
+                program,
+                user_inputs,
+                states,
+                scalars,
+                tmp,
+                opset=opset,
+                dynamic_batch=dynamic_batch,
+                verify=verify,
+                optimize=optimize,
+            )
+            num_user = program.graph.num_user_outputs
+            for state, value in zip(variant.state_outputs, reference[num_user:], strict=True):
+                _store_state(states, state, value)
+            models.append(entry)
+        for path in sorted(p for p in tmp.iterdir() if p.is_file()):
+            files.append({"path": path.name, "bytes": path.stat().st_size, "sha256": _sha256(path)})
+        manifest = {
+            "schema": MANIFEST_SCHEMA,
+            "format": "onnx",
+            "exporter": "torch.onnx.export(dynamo=True)",
+            "versions": _versions(),
+            "opset": opset,
+            "dynamic_batch_requested": dynamic_batch,
+            "dynamic_batch": bool(models) and all(m["dynamic_batch"] for m in models),
+            "program": _program_meta(program),
+            "models": models,
+            "files": files,
+        }
+        atomic_write_json(tmp / MANIFEST_NAME, manifest)
+    return manifest
+
+
+def _store_state(states: dict[str, torch.Tensor], state: str, value: torch.Tensor) -> None:
+    # '@prev' readers are fed a different tensor than the last value so the verification sees a
+    # non-zero difference (with equal tensors a Taylor term would vanish).
+    states[state] = value
+    states[f"{state}@prev"] = value * 0.5
+
+
+def _record_states(program, variant, user_inputs, states, scalars) -> None:
+    args = [user_inputs[n] for n in program.graph.input_names]
+    args += [states[s] for s in variant.state_inputs] + [scalars[s] for s in variant.scalar_inputs]
+    with torch.no_grad():
+        outputs = variant.module(*args)
+    for state, value in zip(variant.state_outputs, outputs[program.graph.num_user_outputs :], strict=True):
+        _store_state(states, state, value)
+
+
+def _versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+    import onnxscript
+
+    return {
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxscript": onnxscript.__version__,
+        "onnxruntime": onnxruntime.__version__,
+    }
+
+
+def read_manifest(directory: str | Path) -> dict[str, Any]:
+    """Parse ``directory/manifest.json``."""
+    path = Path(directory) / MANIFEST_NAME
+    if not path.is_file():
+        raise OnnxExportError(f"'{directory}' holds no {MANIFEST_NAME}: run the ONNX export first")
+    return json.loads(path.read_text())
+
+
+def verify_files(directory: str | Path, manifest: Mapping[str, Any] | None = None) -> None:
+    """Raise when a file listed in the manifest is missing or its sha256 differs."""
+    directory = Path(directory)
+    manifest = manifest or read_manifest(directory)
+    for item in manifest["files"]:
+        path = directory / item["path"]
+        if not path.is_file():
+            raise OnnxExportError(f"{path} is listed in the manifest but missing")
+        if _sha256(path) != item["sha256"]:
+            raise OnnxExportError(f"{path} does not match the sha256 in the manifest: export again")

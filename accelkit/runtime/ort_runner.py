@@ -1,0 +1,348 @@
+"""Replay a program's schedule with the ONNX models :func:`accelkit.export.onnx.export_program_onnx` wrote.
+
+:class:`OrtProgramRunner` has the interface of :class:`accelkit.runtime.executor.ProgramExecutor`
+(``run(step, branch, kwargs, return_dict)``, ``reset()``, ``program``, ``states``,
+``variant_calls``, ``state_log``), so :class:`AcceleratedPipeline`'s step-aware forward drives it
+unchanged: at each step it runs the variant the schedule names in onnxruntime, feeds the user
+inputs, the state tensors (last value, or the one before for ``"@prev"`` names, exactly as the
+PyTorch executor does) and the step's scalars, and keeps state per CFG branch.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from accelkit.errors import InputError, PlanMismatchError
+from accelkit.passes.base import Program
+from accelkit.runtime.pipeline import AcceleratedPipeline
+
+_NUMPY_DTYPES = {
+    "float32": np.float32,
+    "float16": np.float16,
+    "float64": np.float64,
+    "int64": np.int64,
+    "int32": np.int32,
+    "bool": np.bool_,
+}
+
+
+@dataclass(frozen=True)
+class VariantMeta:
+    """The calling convention of one exported variant.
+
+    Args:
+        name: the variant name (``"full"``, ``"cached"``).
+        file: the ONNX file in the export directory.
+        input_names: ONNX input names in order (user, state, scalar).
+        output_names: ONNX output names in order (user, state).
+        state_inputs: state names read, in the order of their ONNX inputs.
+        state_outputs: state names written, in the order of their ONNX outputs.
+        scalar_inputs: step scalar names, in the order of their ONNX inputs.
+        input_shapes: per ONNX input, its shape (``"batch"`` where dynamic).
+        input_dtypes: per ONNX input, its dtype name.
+    """
+
+    name: str
+    file: str
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    state_inputs: tuple[str, ...]
+    state_outputs: tuple[str, ...]
+    scalar_inputs: tuple[str, ...]
+    input_shapes: tuple[tuple[Any, ...], ...]
+    input_dtypes: tuple[str, ...]
+
+    @classmethod
+    def from_manifest(cls, entry: Mapping[str, Any]) -> VariantMeta:
+        inputs, outputs = entry["inputs"], entry["outputs"]
+        return cls(
+            name=entry["variant"],
+            file=entry["file"],
+            input_names=tuple(i["name"] for i in inputs),
+            output_names=tuple(o["name"] for o in outputs),
+            state_inputs=tuple(i["source"] for i in inputs if i["role"] == "state"),
+            state_outputs=tuple(o["source"] for o in outputs if o["role"] == "state"),
+            scalar_inputs=tuple(i["source"] for i in inputs if i["role"] == "scalar"),
+            input_shapes=tuple(tuple(i["shape"]) for i in inputs),
+            input_dtypes=tuple(i["dtype"] for i in inputs),
+        )
+
+
+@dataclass(frozen=True)
+class ProgramMeta:
+    """What the runner needs of a program, read from the export's manifest.
+
+    Args:
+        input_names: the denoiser's tensor keyword arguments, in graph order.
+        num_user_outputs: how many leading outputs are the denoiser's.
+        schedule: the variant run at each step.
+        step_scalars: per-step scalar values by name.
+        program: the PyTorch program when one was given (rebuilds the denoiser's output structure and
+            checks the call signature); None when running from the manifest alone.
+    """
+
+    input_names: tuple[str, ...]
+    num_user_outputs: int
+    schedule: tuple[str, ...]
+    step_scalars: Mapping[str, tuple[float, ...]]
+    program: Program | None = None
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.schedule)
+
+    @classmethod
+    def from_manifest(cls, manifest: Mapping[str, Any]) -> ProgramMeta:
+        meta = manifest["program"]
+        return cls(
+            input_names=tuple(meta["input_names"]),
+            num_user_outputs=int(meta["num_user_outputs"]),
+            schedule=tuple(meta["schedule"]),
+            step_scalars={k: tuple(v) for k, v in meta["step_scalars"].items()},
+        )
+
+    @classmethod
+    def from_program(cls, program: Program) -> ProgramMeta:
+        return cls(
+            input_names=tuple(program.graph.input_names),
+            num_user_outputs=program.graph.num_user_outputs,
+            schedule=tuple(program.schedule),
+            step_scalars={k: tuple(v) for k, v in program.step_scalars.items()},
+            program=program,
+        )
+
+
+def _check_matches(meta: ProgramMeta, manifest: Mapping[str, Any], directory: Path) -> None:
+    """Refuse an export made for another program (schedule, inputs, state or scalars)."""
+    recorded = manifest["program"]
+    problems = []
+    if tuple(recorded["input_names"]) != meta.input_names:
+        problems.append(f"inputs {recorded['input_names']} vs {list(meta.input_names)}")
+    if tuple(recorded["schedule"]) != meta.schedule:
+        problems.append(f"schedule {recorded['schedule']} vs {list(meta.schedule)}")
+    if int(recorded["num_user_outputs"]) != meta.num_user_outputs:
+        problems.append("number of outputs")
+    program = meta.program
+    if program is not None:
+        specs = [s.to_dict() for s in program.graph.input_specs]
+        if recorded["input_specs"] != specs:
+            problems.append("input shapes/dtypes")
+        for name, variant in program.variants.items():
+            other = recorded["variants"].get(name)
+            ours = {
+                "state_inputs": list(variant.state_inputs),
+                "state_outputs": list(variant.state_outputs),
+                "scalar_inputs": list(variant.scalar_inputs),
+            }
+            if other is not None and other != ours:
+                problems.append(f"variant '{name}' state/scalars")
+        for name, values in program.step_scalars.items():
+            if name in recorded["step_scalars"] and not np.allclose(recorded["step_scalars"][name], values):
+                problems.append(f"step scalar '{name}'")
+    if problems:
+        raise PlanMismatchError(
+            f"the ONNX export in '{directory}' was made for another program ({'; '.join(problems)}): "
+            "export this program again"
+        )
+
+
+class OrtProgramRunner:
+    """Runs a program's exported variants in onnxruntime with per-branch state.
+
+    Args:
+        directory: the folder :func:`accelkit.export.onnx.export_program_onnx` wrote.
+        program_meta: the :class:`Program` the export was made from (checked against the manifest;
+            used to rebuild the denoiser's output structure), a :class:`ProgramMeta`, or None to run
+            from the manifest alone (outputs are then returned as a tuple).
+        providers: onnxruntime execution providers (default: CPU).
+        session_options: an ``onnxruntime.SessionOptions``.
+        check_files: verify every file's sha256 against the manifest before the first session.
+    """
+
+    def __init__(
+        self,
+        directory: str | Path,
+        program_meta: Program | ProgramMeta | None = None,
+        *,
+        providers: Sequence[Any] | None = None,
+        session_options: Any = None,
+        check_files: bool = True,
+    ) -> None:
+        from accelkit.export.onnx import read_manifest, verify_files
+
+        self.directory = Path(directory)
+        self.manifest = read_manifest(self.directory)
+        if check_files:
+            verify_files(self.directory, self.manifest)
+        if isinstance(program_meta, Program):
+            meta = ProgramMeta.from_program(program_meta)
+        elif isinstance(program_meta, ProgramMeta):
+            meta = program_meta
+        elif program_meta is None:
+            meta = ProgramMeta.from_manifest(self.manifest)
+        else:
+            raise InputError(
+                f"program_meta must be a Program, a ProgramMeta or None, not {type(program_meta).__name__}"
+            )
+        _check_matches(meta, self.manifest, self.directory)
+        self.meta = meta
+        # StepAwareForward and AcceleratedPipeline read ``executor.program.num_steps``.
+        self.program: Any = meta.program if meta.program is not None else meta
+        self.variants = {m["variant"]: VariantMeta.from_manifest(m) for m in self.manifest["models"]}
+        missing = sorted(set(meta.schedule) - set(self.variants))
+        if missing:
+            raise InputError(
+                f"the ONNX export in '{self.directory}' lacks variant(s) {missing} the schedule runs"
+            )
+        self.providers = list(providers) if providers is not None else ["CPUExecutionProvider"]
+        self.session_options = session_options
+        self._sessions: dict[str, Any] = {}
+        self._signature = meta.program.graph.signature() if meta.program is not None else None
+        self.states: dict[int, dict[str, list[np.ndarray]]] = {}
+        self.variant_calls: Counter[str] = Counter()
+        self.state_log: list[tuple[int, int, dict[str, torch.Tensor]]] | None = None
+
+    def reset(self) -> None:
+        """Forget cached state (a new generation begins)."""
+        self.states.clear()
+
+    def session(self, name: str) -> Any:
+        """The onnxruntime session of variant ``name`` (created on first use)."""
+        session = self._sessions.get(name)
+        if session is None:
+            import onnxruntime as ort
+
+            path = self.directory / self.variants[name].file
+            session = ort.InferenceSession(
+                str(path), sess_options=self.session_options, providers=self.providers
+            )
+            self._sessions[name] = session
+        return session
+
+    def check_inputs(self, kwargs: Mapping[str, Any], variant: VariantMeta) -> None:
+        """Refuse a call the exported models were not made for (shapes, dtypes, baked-in arguments)."""
+        from accelkit.capture.graph import shape_signature
+        from accelkit.runtime.executor import describe_signature_mismatch
+
+        program = self.meta.program
+        static_batch = all(isinstance(d, int) for shape in variant.input_shapes for d in shape)
+        if program is not None and static_batch:
+            # The same check as ProgramExecutor: one signature per plan.
+            if shape_signature(kwargs) != self._signature:
+                raise PlanMismatchError(describe_signature_mismatch(program, kwargs))
+            return
+        for index, name in enumerate(self.meta.input_names):
+            value = kwargs.get(name)
+            expected = variant.input_shapes[index]
+            ok = (
+                isinstance(value, torch.Tensor)
+                and value.dim() == len(expected)
+                and all(
+                    not isinstance(e, int) or e == int(s) for e, s in zip(expected, value.shape, strict=True)
+                )
+                and str(value.dtype).removeprefix("torch.") == variant.input_dtypes[index]
+            )
+            if not ok:
+                if program is not None:
+                    raise PlanMismatchError(describe_signature_mismatch(program, kwargs))
+                got = list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                raise PlanMismatchError(
+                    f"the ONNX export expects {name} of shape {list(expected)} {variant.input_dtypes[index]}, "
+                    f"got {got}"
+                )
+
+    def run(self, step: int, branch: int, kwargs: Mapping[str, Any], return_dict: bool) -> Any:
+        """Run step ``step`` of the schedule for CFG branch ``branch`` and return the denoiser output."""
+        from accelkit.export.onnx import to_numpy
+
+        name = self.meta.schedule[step]
+        variant = self.variants[name]
+        self.check_inputs(kwargs, variant)
+        state = self.states.setdefault(branch, {})
+        reference = kwargs[self.meta.input_names[0]]
+        values: list[np.ndarray] = [to_numpy(kwargs[n]) for n in self.meta.input_names]
+        for state_name in variant.state_inputs:
+            base = state_name.removesuffix("@prev")
+            history = state.get(base)
+            if not history:
+                raise RuntimeError(
+                    f"step {step} runs '{name}', which needs state '{base}' that no earlier step wrote: "
+                    "the schedule must start with a full step"
+                )
+            # Same rule as ProgramExecutor: with one value written so far, '@prev' falls back to it.
+            values.append(history[0] if state_name.endswith("@prev") and len(history) > 1 else history[-1])
+        offset = len(values)
+        for index, scalar in enumerate(variant.scalar_inputs):
+            dtype = _NUMPY_DTYPES.get(variant.input_dtypes[offset + index], np.float32)
+            values.append(np.asarray(self.meta.step_scalars[scalar][step], dtype=dtype))
+        feeds = dict(zip(variant.input_names, values, strict=True))
+        outputs = self.session(name).run(list(variant.output_names), feeds)
+        self.variant_calls[name] += 1
+        num_user = self.meta.num_user_outputs
+        written = dict(zip(variant.state_outputs, outputs[num_user:], strict=True))
+        for state_name, value in written.items():
+            history = state.setdefault(state_name, [])
+            history.append(value)
+            del history[:-2]
+        if self.state_log is not None:
+            self.state_log.append((step, branch, {k: torch.from_numpy(v) for k, v in written.items()}))
+        user = tuple(
+            torch.from_numpy(np.ascontiguousarray(o)).to(device=reference.device) for o in outputs[:num_user]
+        )
+        if self.meta.program is not None:
+            return self.meta.program.graph.rebuild_output(user, return_dict)
+        return user
+
+
+class OnnxAcceleratedPipeline(AcceleratedPipeline):
+    """:class:`AcceleratedPipeline` whose denoiser steps run in onnxruntime.
+
+    Args:
+        pipe: the diffusers pipeline (modified in place until :meth:`restore`).
+        program: the program the ONNX export was made from.
+        directory: the export folder.
+        providers: onnxruntime execution providers (default: CPU).
+        call_defaults: pipeline arguments applied when the caller omits them.
+    """
+
+    def __init__(
+        self,
+        pipe: Any,
+        program: Program,
+        directory: str | Path,
+        *,
+        providers: Sequence[Any] | None = None,
+        call_defaults: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(pipe, program, call_defaults=call_defaults)
+        self.executor = OrtProgramRunner(directory, program, providers=providers)
+        self.forward.executor = self.executor
+
+
+def apply_onnx(
+    pipe: Any,
+    program: Program,
+    directory: str | Path,
+    *,
+    providers: Sequence[Any] | None = None,
+    call_defaults: dict[str, Any] | None = None,
+) -> OnnxAcceleratedPipeline:
+    """Accelerate ``pipe`` with the ONNX export of ``program`` in ``directory``.
+
+    Args:
+        pipe: the diffusers pipeline.
+        program: the program the export was made from (checked against the manifest).
+        directory: the folder :func:`accelkit.export.onnx.export_program_onnx` wrote.
+        providers: onnxruntime execution providers (default: CPU).
+        call_defaults: pipeline arguments applied when the caller omits them.
+    """
+    if not isinstance(program, Program):
+        raise InputError(f"apply_onnx() needs a Program, got {type(program).__name__}")
+    return OnnxAcceleratedPipeline(pipe, program, directory, providers=providers, call_defaults=call_defaults)
