@@ -96,6 +96,7 @@ def load_pipeline(model: str | None = None, *, device: str = "cpu", dtype: torch
             zoo name is unknown, or the pipeline has no transformer/unet.
     """
     model_id = model or DEFAULT_MODEL
+    _quiet_libraries()
     if model_id.startswith("zoo:"):
         from accelkit.zoo import load_zoo_pipeline
 
@@ -122,6 +123,14 @@ def load_pipeline(model: str | None = None, *, device: str = "cpu", dtype: torch
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
     return LoadedModel(pipe=pipe, model_id=model_id, source=source, denoiser_name=denoiser_name)
+
+
+def _quiet_libraries() -> None:
+    """Silence diffusers' loading chatter (progress bars, the 'install accelerate' hint)."""
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
 
 
 def _detach(value: Any) -> Any:

@@ -268,8 +268,10 @@ def optimize(settings: OptimizeSettings, *, console: Any = None, progress: bool 
     storage = settings.storage or f"sqlite:///{(out / 'study.db').resolve()}"
     study_name = study_name_for(settings, loaded.model_id, weights_hash, generation)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    sampler = optuna.samplers.TPESampler(seed=settings.seed, multivariate=True, n_startup_trials=4,
-                                         constraints_func=lambda t: t.constraints or [0.0])
+    import warnings
+
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    sampler = optuna.samplers.TPESampler(seed=settings.seed, multivariate=True, n_startup_trials=4)
     try:
         study = optuna.create_study(storage=storage, study_name=study_name, directions=["minimize", "maximize"],
                                     sampler=sampler, load_if_exists=True)
