@@ -26,6 +26,7 @@ from torch import fx
 
 from accelkit.capture.blocks import find_blocks
 from accelkit.capture.graph import clone_graph_module, eliminate_dead_nodes
+from accelkit.capture.streams import pair_block_outputs
 from accelkit.errors import InputError
 from accelkit.passes import _cache_schedule as schedules
 from accelkit.passes.base import (
@@ -142,6 +143,27 @@ def _shape_of(node: fx.Node) -> tuple | None:
     return (tuple(value.shape), value.dtype) if isinstance(value, torch.Tensor) else None
 
 
+def _trace_streams(module: fx.GraphModule, blocks, start: int, stop: int,
+                   outputs: tuple[str, ...]) -> list[str] | None:
+    """Follow each span output back through the blocks' residual paths to the span input it updates."""
+    pairings = {}
+    for index in range(start, stop):
+        pairing = pair_block_outputs(module, blocks, index)
+        if not pairing.removable:
+            return None
+        pairings[index] = dict(pairing.pairs)
+    traced = []
+    for output in outputs:
+        current = output
+        for index in range(stop - 1, start - 1, -1):
+            source = pairings[index].get(current)
+            if source is None:
+                return None
+            current = source
+        traced.append(current)
+    return traced if len(set(traced)) == len(traced) else None
+
+
 def locate_span(module: fx.GraphModule, first_blocks: int, last_blocks: int) -> CachedSpan:
     """Find the cached span in ``module`` and pair each span output with the stream it updates."""
     blocks = find_blocks(module)
@@ -155,17 +177,10 @@ def locate_span(module: fx.GraphModule, first_blocks: int, last_blocks: int) -> 
             f"in a denoiser with {count} blocks"
         )
     boundary = blocks.span_boundary(module, start, stop)
-    nodes = {n.name: n for n in module.graph.nodes}
-    available = list(boundary.carried)
-    pairs: list[str | None] = []
-    for output in boundary.outputs:
-        shape = _shape_of(nodes[output])
-        match = next((name for name in available if _shape_of(nodes[name]) == shape), None)
-        if match is not None:
-            available.remove(match)
-        pairs.append(match)
-    if not all(p is not None for p in pairs):
-        pairs = [None] * len(pairs)
+    pairs = _trace_streams(module, blocks, start, stop, boundary.outputs)
+    if pairs is None:
+        # Some block is not a residual update (UNet stages change shape): store the span outputs.
+        pairs = [None] * len(boundary.outputs)
     return CachedSpan(start, stop, tuple(pairs), tuple(boundary.outputs))
 
 
