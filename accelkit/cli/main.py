@@ -26,6 +26,8 @@ examples:
   accelkit optimize ./my-pipeline --budget 2x --budget 3x --passes steps,cache --trials 20
   accelkit report out/                              # re-render out/report/ from report.json
   accelkit run out/ --budget 2x --prompt "a red circle" --output image.png
+  accelkit export out/ --budget 2x                  # ONNX per graph variant, checked by onnxruntime
+  accelkit run out/ --budget 2x --backend onnxruntime --prompt "a red circle"
 
 exit codes: 0 success; 2 bad input; 3 a budget or --min-psnr floor could not be met; 130 interrupted.
 """
@@ -94,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     optimize.add_argument("--width", type=int, default=None, help="image width (default: the model's)")
     optimize.add_argument("--guidance-scale", type=float, default=None, help="CFG scale (default: the model's)")
     optimize.add_argument("--out", default="accelkit-out", help="output directory (default: accelkit-out)")
+    optimize.add_argument("--export", choices=["onnx", "tensorrt"], default=None,
+                          help="also export every met plan (ONNX checked with onnxruntime)")
     optimize.add_argument("--quiet", action="store_true", help="no progress output")
     optimize.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
 
@@ -113,6 +117,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
     run.add_argument("--output", default="accelkit-run.png", help="image file (PNG); several prompts get -N suffixes")
     run.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    run.add_argument("--backend", default="pytorch", choices=["pytorch", "onnxruntime"],
+                     help="run the denoiser in PyTorch (default) or from the plan's ONNX export")
+
+    export = commands.add_parser(
+        "export", help="export a plan's graph variants (ONNX, checked with onnxruntime)",
+        description="Export every graph variant of OUT's plan to OUT/plans/<budget>/onnx/ (one model per "
+                    "variant, verified against PyTorch in onnxruntime) and list the files in plan.json.",
+        epilog="example:\n  accelkit export out/ --budget 2x --target onnx",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    export.add_argument("out", help="the directory optimize wrote")
+    export.add_argument("--budget", default=None, help="which plan (default: the only one)")
+    export.add_argument("--target", default="onnx", choices=["onnx", "tensorrt"], help="export target")
+    export.add_argument("--model", default=None, help="model to load (default: the one the plan names)")
     return parser
 
 
@@ -205,6 +222,16 @@ def cmd_optimize(args: argparse.Namespace) -> int:
                      "plan": str(o.plan_dir) if o.plan_dir else None, "message": o.message}
                     for o in result.outcomes],
     }
+    if args.export:
+        from accelkit.loading import load_pipeline
+        from accelkit.runtime.plan import export_plan
+
+        pipe = load_pipeline(args.model, device=args.device).pipe
+        for outcome in result.outcomes:
+            if outcome.plan_dir is not None:
+                directory = export_plan(result.out, pipe, outcome.budget, target=args.export)
+                summary.setdefault("exports", {})[outcome.budget] = str(directory)
+                console.print(f"exported {outcome.budget}: {directory}")
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
@@ -232,12 +259,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from accelkit.errors import InputError
     from accelkit.loading import load_pipeline
-    from accelkit.runtime.plan import load, read_plan
+    from accelkit.runtime.plan import load, load_onnx, read_plan
 
     plan = read_plan(args.out, args.budget)
     model = args.model or plan.data["model"]["id"]
     loaded = load_pipeline(model, device=args.device)
-    accelerated = load(args.out, loaded.pipe, plan.budget)
+    if args.backend == "onnxruntime":
+        accelerated = load_onnx(args.out, loaded.pipe, plan.budget)
+    else:
+        accelerated = load(args.out, loaded.pipe, plan.budget)
     output = Path(args.output)
     if output.suffix.lower() != ".png":
         raise InputError(f"--output '{output}' must end in .png")
@@ -257,7 +287,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"inspect": cmd_inspect, "optimize": cmd_optimize, "report": cmd_report, "run": cmd_run}
+def cmd_export(args: argparse.Namespace) -> int:
+    from accelkit.loading import load_pipeline
+    from accelkit.runtime.plan import export_plan, read_plan
+
+    plan = read_plan(args.out, args.budget)
+    loaded = load_pipeline(args.model or plan.data["model"]["id"])
+    print(export_plan(args.out, loaded.pipe, plan.budget, target=args.target))
+    return 0
+
+
+COMMANDS = {"inspect": cmd_inspect, "optimize": cmd_optimize, "report": cmd_report, "run": cmd_run,
+            "export": cmd_export}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

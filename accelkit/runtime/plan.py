@@ -189,3 +189,50 @@ def load(out_dir: str | Path, pipe: Any, budget: str | None = None, *, compile: 
     plan = read_plan(out_dir, budget)
     program = build_program(plan, pipe)
     return AcceleratedPipeline(pipe, program, compile=compile, call_defaults=plan.call_defaults)
+
+
+def export_plan(out_dir: str | Path, pipe: Any, budget: str | None = None, *, target: str = "onnx") -> Path:
+    """Export a plan's graph variants next to its ``plan.json`` and list the files in it.
+
+    Args:
+        out_dir: the directory ``accelkit optimize --out`` wrote.
+        pipe: the pipeline the plan was made for.
+        budget: which plan (may be omitted when there is one).
+        target: ``"onnx"`` (checked with onnxruntime) or ``"tensorrt"`` (needs TensorRT installed).
+
+    Returns:
+        The export directory (``plans/<budget>/onnx``).
+    """
+    if target not in ("onnx", "tensorrt"):
+        raise InputError(f"unknown export target '{target}': choose onnx or tensorrt")
+    if target == "tensorrt":
+        try:
+            import tensorrt  # noqa: F401
+        except ImportError:
+            raise InputError(
+                "TensorRT is not installed: install the [tensorrt] extra from NVIDIA's index on a GPU machine, "
+                "or export with --target onnx"
+            ) from None
+        raise InputError("TensorRT engine building is not available in this version; export with --target onnx")
+    from accelkit.export.onnx import export_program_onnx
+
+    plan = read_plan(out_dir, budget)
+    program = build_program(plan, pipe)
+    directory = plan.path / "onnx"
+    manifest = export_program_onnx(program, directory)
+    data = dict(plan.data)
+    data["engines"] = {"target": "onnx", "directory": "onnx", "manifest": manifest}
+    atomic_write_json(plan.path / "plan.json", data)
+    return directory
+
+
+def load_onnx(out_dir: str | Path, pipe: Any, budget: str | None = None) -> Any:
+    """Like :func:`load`, but the denoiser runs the plan's ONNX export in onnxruntime."""
+    from accelkit.runtime.ort_runner import apply_onnx
+
+    plan = read_plan(out_dir, budget)
+    directory = plan.path / "onnx"
+    if not (directory / "manifest.json").is_file():
+        raise InputError(f"plan {plan.budget} has no ONNX export: run `accelkit export {out_dir} --budget {plan.budget}`")
+    program = build_program(plan, pipe)
+    return apply_onnx(pipe, program, directory, call_defaults=plan.call_defaults)

@@ -232,6 +232,12 @@ def optimize(settings: OptimizeSettings, *, console: Any = None, progress: bool 
         raise InputError(f"--trials must be at least 1, got {settings.trials}")
     if settings.steps < 2:
         raise InputError(f"--steps must be at least 2, got {settings.steps}")
+    if settings.num_prompts < 1 or settings.num_eval_prompts < 1:
+        raise InputError("--num-prompts and --num-eval-prompts must be at least 1")
+    for name in ("height", "width"):
+        value = getattr(settings, name)
+        if value is not None and (value < 8 or value % 8):
+            raise InputError(f"--{name} {value} is not a positive multiple of 8: pass e.g. --{name} {max(8, value // 8 * 8)}")
     if settings.cost not in ("roofline", "latency"):
         raise InputError(f"--cost must be 'roofline' or 'latency', got {settings.cost!r}")
     if settings.cost == "latency":
@@ -393,7 +399,7 @@ def _finish(settings: OptimizeSettings, study: Any, evaluator: Evaluator, target
             description=f"{fewer_steps} of {settings.steps} sampler steps, default spacing",
             images=reference_images)}
         if not feasible:
-            best_speed = max((t.user_attrs.get("speedup", 0) for t in completed), default=0.0)
+            best_speed = max((t.user_attrs.get("speedup", 0.0) for t in study.trials), default=0.0)
             message = f"budget {name} not met: the fastest trial reached {best_speed:.2f}x"
             outcomes.append(BudgetOutcome(name, target, False, best_speed, None, None, None, message))
             budget_reports.append(BudgetReport(
@@ -408,7 +414,7 @@ def _finish(settings: OptimizeSettings, study: Any, evaluator: Evaluator, target
         speedup, cost = evaluator.speedup(program)
         metrics, images = evaluator.fidelity(program, evaluation_prompts, baseline_eval, seed_offset)
         ablations = _ablations(evaluator, program, resolved, evaluation_prompts, baseline_eval, seed_offset)
-        if "uniform_cache" in ablations:
+        if "uniform_cache" in ablations and "error" not in ablations["uniform_cache"]:
             uniform = ablations["uniform_cache"]
             references["uniform_cache"] = ReferencePoint(
                 speedup=uniform["speedup"], psnr=uniform["psnr"], ssim=uniform["ssim"],
@@ -486,15 +492,15 @@ def _ablations(evaluator: Evaluator, program: Program, resolved: dict, prompts: 
     if "cache" in resolved and "cached" in program.variants and resolved["cache"].get("schedule") == "dp":
         uniform = dict(resolved)
         cache = dict(uniform["cache"])
-        cache.update(schedule="uniform", full_step_mask=None,
-                     full_fraction=len(cache["full_step_mask"]) / program.num_steps)
+        full_steps = len(cache["full_step_mask"])
+        cache.update(schedule="uniform", full_step_mask=None, full_fraction=full_steps / program.num_steps)
         uniform["cache"] = cache
         try:
             uniform_program = _program_from_resolved(evaluator, uniform)
             speed, _ = evaluator.speedup(uniform_program)
             metrics, _ = evaluator.fidelity(uniform_program, prompts, baseline, seed_offset)
             result["uniform_cache"] = {"speedup": speed, "psnr": metrics["psnr"], "ssim": metrics["ssim"],
-                                       "full_steps": len(cache["full_step_mask"])}
+                                       "full_steps": full_steps}
         except Exception as error:  # noqa: BLE001 - an ablation failing must not lose the plan
             result["uniform_cache"] = {"error": str(error)}
     if len(resolved) > 1:

@@ -50,8 +50,7 @@ def default_trials(pass_names: Sequence[str], targets: Sequence[float]) -> list[
             seeds.append({"steps.fraction": min(1.0, 1.0 / target), "steps.placement": "default",
                           "steps.blend": 1.0, **({"cache.full_fraction": 1.0} if has_cache else {})})
         if has_cache:
-            # A cached step still runs the first block, so aim a little below 1/target.
-            seed = {"cache.full_fraction": max(0.15, min(1.0, 0.9 / target)), "cache.first_blocks": 1,
+            seed = {"cache.full_fraction": cache_fraction_for(target), "cache.first_blocks": 1,
                     "cache.last_blocks": 0, "cache.approximation": "residual", "cache.schedule": "dp",
                     "cache.prior": "residual", "cache.weighting": "quadratic", "cache.warmup": 1}
             if has_steps:
@@ -60,7 +59,31 @@ def default_trials(pass_names: Sequence[str], targets: Sequence[float]) -> list[
         if has_steps and has_cache and target > 1.5:
             share = target ** 0.5
             seeds.append({"steps.fraction": min(1.0, 1.0 / share), "steps.placement": "default", "steps.blend": 1.0,
-                          "cache.full_fraction": max(0.15, min(1.0, 0.9 / share)), "cache.first_blocks": 1,
+                          "cache.full_fraction": cache_fraction_for(share), "cache.first_blocks": 1,
                           "cache.last_blocks": 0, "cache.approximation": "taylor", "cache.schedule": "uniform",
                           "cache.prior": "residual", "cache.weighting": "quadratic", "cache.warmup": 0})
-    return seeds
+    return [clamp_to_spaces(seed, pass_names) for seed in seeds]
+
+
+def cache_fraction_for(target: float, cached_cost: float = 0.2) -> float:
+    """Full-step share meeting ``target`` when a cached step costs ``cached_cost`` of a full one.
+
+    A cached step still runs the blocks outside the span (and the embedders), about a fifth of a full
+    step on the zoo model; the search corrects the guess.
+    """
+    return max(0.15, min(1.0, (1.0 / target - cached_cost) / (1.0 - cached_cost)))
+
+
+def clamp_to_spaces(params: dict[str, Any], pass_names: Sequence[str]) -> dict[str, Any]:
+    """Clamp seeded values into their passes' declared ranges (Optuna rejects values outside them)."""
+    passes = registered_passes()
+    clamped = dict(params)
+    for key, value in params.items():
+        name, _, field = key.partition(".")
+        if name not in pass_names or name not in passes:
+            clamped.pop(key)
+            continue
+        domain = passes[name].config_type.SEARCH_SPACE.get(field)
+        if isinstance(domain, IntRange | FloatRange):
+            clamped[key] = type(value)(min(domain.high, max(domain.low, value)))
+    return clamped
