@@ -47,8 +47,10 @@ def default_trials(pass_names: Sequence[str], targets: Sequence[float]) -> list[
     has_steps, has_cache = "steps" in pass_names, "cache" in pass_names
     for target in targets:
         if has_steps:
-            seeds.append({"steps.fraction": min(1.0, 1.0 / target), "steps.placement": "default",
-                          "steps.blend": 1.0, **({"cache.full_fraction": 1.0} if has_cache else {})})
+            # Both spacings: equal-local-error placement won by 4-6 dB on the zoo model (BENCHMARKS.md).
+            for placement in ("default", "equalized"):
+                seeds.append({"steps.fraction": min(1.0, 1.0 / target), "steps.placement": placement,
+                              "steps.blend": 1.0, **({"cache.full_fraction": 1.0} if has_cache else {})})
         if has_cache:
             seed = {"cache.full_fraction": cache_fraction_for(target), "cache.first_blocks": 1,
                     "cache.last_blocks": 0, "cache.approximation": "residual", "cache.schedule": "dp",
