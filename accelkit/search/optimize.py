@@ -286,7 +286,8 @@ def optimize(settings: OptimizeSettings, *, console: Any = None, progress: bool 
     study.set_metric_names(["cost", "psnr"])
     finished = [t for t in study.trials if t.state.is_finished()]
     if not finished:
-        for params in default_trials(settings.passes, targets):
+        # Enqueue no more seeds than trials: leftovers would sit in the study as waiting trials.
+        for params in default_trials(settings.passes, targets)[: settings.trials]:
             study.enqueue_trial(params, skip_if_exists=True)
     remaining = max(0, settings.trials - len(finished))
     lowest = targets[0]
