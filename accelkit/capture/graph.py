@@ -10,6 +10,7 @@ extend (extra state inputs/outputs) and what the runtime and the exporter drive.
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -253,3 +254,20 @@ def eliminate_dead_nodes(graph: fx.Graph) -> int:
         graph.erase_node(node)
         removed += 1
     return removed
+
+
+_CAPTURES: weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple, DenoiserGraph]] = weakref.WeakKeyDictionary()
+
+
+def capture_cached(denoiser: torch.nn.Module, kwargs: Mapping[str, Any]) -> DenoiserGraph:
+    """:func:`capture`, memoized per denoiser and shape signature.
+
+    A capture is valid for one signature (batch, resolution, token counts, dtypes); each new signature
+    is captured once. The captured graph shares the denoiser's parameters, so in-place weight updates are
+    seen; replacing parameter objects needs a fresh :func:`capture`.
+    """
+    per_module = _CAPTURES.setdefault(denoiser, {})
+    key = shape_signature(kwargs)
+    if key not in per_module:
+        per_module[key] = capture(denoiser, kwargs)
+    return per_module[key]
