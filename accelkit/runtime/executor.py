@@ -42,6 +42,21 @@ def describe_signature_mismatch(program: Program, kwargs: Mapping[str, Any]) -> 
     )
 
 
+def read_state(state: Mapping[str, list[Any]], state_name: str, step: int, variant: str) -> Any:
+    """The value a variant reads for ``state_name``: the last written, or the one before for ``@prev``.
+
+    With only one value written so far, ``@prev`` falls back to it (a zero-order estimate).
+    """
+    base = state_name.removesuffix("@prev")
+    history = state.get(base)
+    if not history:
+        raise RuntimeError(
+            f"step {step} runs '{variant}', which needs state '{base}' that no earlier step wrote: "
+            "the schedule must start with a full step"
+        )
+    return history[0] if state_name.endswith("@prev") and len(history) > 1 else history[-1]
+
+
 class ProgramExecutor:
     """Executes a program's variants with per-branch state.
 
@@ -95,15 +110,7 @@ class ProgramExecutor:
         flat = self.program.graph.flat_inputs(kwargs)
         reference = flat[0]
         for state_name in variant.state_inputs:
-            base = state_name.removesuffix("@prev")
-            history = state.get(base)
-            if not history:
-                raise RuntimeError(
-                    f"step {step} runs '{name}', which needs state '{base}' that no earlier step wrote: "
-                    "the schedule must start with a full step"
-                )
-            # With only one value written so far, '@prev' falls back to it (a zero-order estimate).
-            flat.append(history[0] if state_name.endswith("@prev") and len(history) > 1 else history[-1])
+            flat.append(read_state(state, state_name, step, name))
         for scalar in variant.scalar_inputs:
             flat.append(self._scalar(scalar, step, reference.device, torch.float32))
         with torch.no_grad():

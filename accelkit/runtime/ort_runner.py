@@ -21,6 +21,7 @@ import torch
 
 from accelkit.errors import InputError, PlanMismatchError
 from accelkit.passes.base import Program
+from accelkit.runtime.executor import read_state
 from accelkit.runtime.pipeline import AcceleratedPipeline
 
 _NUMPY_DTYPES = {
@@ -269,15 +270,7 @@ class OrtProgramRunner:
         reference = kwargs[self.meta.input_names[0]]
         values: list[np.ndarray] = [to_numpy(kwargs[n]) for n in self.meta.input_names]
         for state_name in variant.state_inputs:
-            base = state_name.removesuffix("@prev")
-            history = state.get(base)
-            if not history:
-                raise RuntimeError(
-                    f"step {step} runs '{name}', which needs state '{base}' that no earlier step wrote: "
-                    "the schedule must start with a full step"
-                )
-            # Same rule as ProgramExecutor: with one value written so far, '@prev' falls back to it.
-            values.append(history[0] if state_name.endswith("@prev") and len(history) > 1 else history[-1])
+            values.append(read_state(state, state_name, step, name))
         offset = len(values)
         for index, scalar in enumerate(variant.scalar_inputs):
             dtype = _NUMPY_DTYPES.get(variant.input_dtypes[offset + index], np.float32)
