@@ -116,3 +116,61 @@ def program_cost(program: Program, spec: DeviceSpec) -> ProgramCost:
     seconds = sum(per_variant[name] for name in program.schedule)
     total_flops = sum(flops[name] for name in program.schedule)
     return ProgramCost(seconds, total_flops, per_variant)
+
+
+def measure_variant_latency(
+    program: Program, kwargs: dict, *, warmup: int = 2, repeats: int = 7
+) -> dict[str, float]:
+    """Median wall-clock seconds of one forward of each variant on ``kwargs``' device.
+
+    State inputs come from one run of the ``full`` variant on the same inputs; CUDA work is
+    synchronized around each timed call. Warm-up runs are excluded.
+
+    Args:
+        program: the program whose variants to time.
+        kwargs: one recorded denoiser call (tensors on the target device).
+        warmup: untimed runs per variant.
+        repeats: timed runs per variant (the median is returned).
+    """
+    import statistics
+    import time
+
+    from accelkit.runtime.executor import ProgramExecutor
+
+    executor = ProgramExecutor(program)
+    states: dict[str, list] = {}
+    for name in dict.fromkeys(program.schedule):
+        variant = program.variants[name]
+        if variant.state_outputs:
+            outputs = variant.module(*program.graph.flat_inputs(kwargs), *(
+                states[s.removesuffix("@prev")][-1] for s in variant.state_inputs))
+            for state_name, value in zip(variant.state_outputs, outputs[program.graph.num_user_outputs:],
+                                         strict=True):
+                states.setdefault(state_name, []).append(value)
+    device = program.graph.flat_inputs(kwargs)[0].device
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    result: dict[str, float] = {}
+    for name in dict.fromkeys(program.schedule):
+        variant = program.variants[name]
+        flat = list(program.graph.flat_inputs(kwargs))
+        flat += [states[s.removesuffix("@prev")][-1] for s in variant.state_inputs]
+        flat += [torch.tensor(0.0, device=device) for _ in variant.scalar_inputs]
+        times = []
+        with torch.no_grad():
+            for index in range(warmup + repeats):
+                synchronize()
+                start = time.perf_counter()
+                executor._module(name)(*flat)
+                synchronize()
+                if index >= warmup:
+                    times.append(time.perf_counter() - start)
+        result[name] = statistics.median(times)
+    return result
+
+
+def measured_program_cost(program: Program, kwargs: dict, **timing) -> ProgramCost:
+    """Like :func:`program_cost`, with measured per-variant latency instead of the roofline."""
+    per_variant = measure_variant_latency(program, kwargs, **timing)
+    flops = {name: module_flops(v.module) for name, v in program.variants.items()}
+    seconds = sum(per_variant[name] for name in program.schedule)
+    return ProgramCost(seconds, sum(flops[name] for name in program.schedule), per_variant)

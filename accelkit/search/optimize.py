@@ -5,6 +5,13 @@ objectives (cost down, PSNR up on calibration prompts), the lowest budget as a c
 budget the feasible trial with the best calibration PSNR becomes ``OUT/plans/<budget>/``; it is then
 evaluated on held-out prompts against the baseline and against the trivial way to be N× faster
 (the sampler with N× fewer steps), and everything goes into ``OUT/report/``.
+
+The setup (model, prompts, capture, calibrator, baseline, evaluator, study) is :func:`prepare_search`,
+shared by ``accelkit optimize`` and by distributed workers (``accelkit search --worker``, see
+:mod:`accelkit.search.worker`). The study stores the settings it was created with as the user attr
+``accelkit.settings`` (JSON); a run whose settings differ refuses to join it. Storage is always an
+Optuna ``RDBStorage`` with heartbeats, so the RUNNING trial of a killed process is marked FAIL and
+retried by the next process that asks the study for a trial.
 """
 
 from __future__ import annotations
@@ -86,6 +93,13 @@ class OptimizeSettings:
     guidance_scale: float | None = None
     export: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    #: Heartbeat of running trials in seconds; a trial silent for ``grace_period`` (default 3x) is
+    #: marked FAIL by the next process that asks the study for a trial, and retried.
+    heartbeat: int = 10
+    grace_period: int | None = None
+    #: Explicit prompt lists (they win over files and counts); a report rebuilt from a study uses them.
+    calibration_prompts: tuple[str, ...] | None = None
+    evaluation_prompts: tuple[str, ...] | None = None
 
 
 @dataclass
@@ -127,6 +141,8 @@ GENERIC_PROMPTS = (
 
 
 def _prompt_sets(settings: OptimizeSettings, source: str) -> tuple[list[str], list[str]]:
+    if settings.calibration_prompts is not None and settings.evaluation_prompts is not None:
+        return list(settings.calibration_prompts), list(settings.evaluation_prompts)
     if settings.prompts_file:
         calibration = _read_prompts(settings.prompts_file)[: max(1, settings.num_prompts)]
     elif source == "zoo":
@@ -182,14 +198,21 @@ def study_name_for(settings: OptimizeSettings, model_id: str, weights_hash: str,
 class Evaluator:
     """Builds programs from configs and measures their cost and fidelity; shared by trials."""
 
-    def __init__(self, *, base: Program, calib: Any, spec: Any, baseline_images: torch.Tensor) -> None:
+    def __init__(self, *, base: Program, calib: Any, spec: Any, baseline_images: torch.Tensor | None = None) -> None:
         from accelkit.search.cost import program_cost
 
         self.base = base
         self.calib = calib
         self.spec = spec
-        self.baseline_images = baseline_images
+        self._baseline_images = baseline_images
         self.base_cost = program_cost(base, spec)
+
+    @property
+    def baseline_images(self) -> torch.Tensor:
+        """The baseline on the calibration prompts (generated on first use)."""
+        if self._baseline_images is None:
+            self._baseline_images = self.calib.generate(self.base).images
+        return self._baseline_images
 
     def build(self, configs: Sequence[PassConfig]) -> tuple[Program, dict[str, Any]]:
         program, _ = run_passes(self.base, list(configs), self.calib)
