@@ -356,6 +356,12 @@ def cache(program: Program, config: CacheConfig, calib: Any) -> PassResult:
     steps = program.num_steps
     if config.is_noop() or config.full_steps(steps) >= steps:
         return PassResult(program, modified=False, stats={"full_steps": steps, "num_steps": steps})
+    others = sorted(set(program.schedule) - {"full"})
+    if others:
+        raise InputError(
+            f"the cache pass needs every step to run the 'full' variant, but the schedule also runs {others} "
+            "(e.g. sparse.dense_steps > 0); combine cache with sparse.dense_steps=0"
+        )
     base = program.variants["full"]
     span = locate_span(base.module, config.first_blocks, config.last_blocks)
     full_module, state_names = build_full_variant(base.module, span)

@@ -166,6 +166,11 @@ def build_program(plan: Plan, pipe: Any, *, check_weights: bool = True) -> Any:
     )
     graph = capture(denoiser, calls[0])
     program = Program.from_graph(graph, int(plan.data["baseline_steps"]))
+    if plan.data.get("weights_file"):
+        from safetensors.torch import load_file
+
+        # Tensors a pass derived from calibration (quantized weights, smoothing) replay as saved.
+        program = program.replace(new_weights=load_file(str(plan.path / plan.data["weights_file"])))
     configs = [config_from_dict(name, config) for name, config in plan.passes.items()]
     program, _ = run_passes(program, configs, calib=None)
     return program

@@ -68,6 +68,9 @@ def device_spec(name: str) -> DeviceSpec:
 
 
 def _dtype_name(node: fx.Node) -> str:
+    # W4A8/W4A4 linears run FP8 tensor-core dots whatever their output dtype.
+    if str(node.target).startswith("accelkit.svdq_linear") and len(node.args) > 8 and node.args[8] in ("w4a8", "w4a4"):
+        return "float8"
     value = node.meta.get("val")
     dtype = getattr(value, "dtype", torch.float32)
     if dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
