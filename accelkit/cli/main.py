@@ -25,6 +25,8 @@ examples:
   accelkit optimize --budget 2x --out out/          # embedded default model, CPU
   accelkit optimize ./my-pipeline --budget 2x --budget 3x --passes steps,cache --trials 20
   accelkit report out/                              # re-render out/report/ from report.json
+  accelkit search --worker --storage postgresql://u:pw@host/db --study s1 --trials 8   # distributed search
+  accelkit report out/ --storage postgresql://u:pw@host/db --study s1                  # report a shared study
   accelkit run out/ --budget 2x --prompt "a red circle" --output image.png
   accelkit export out/ --budget 2x                  # ONNX per graph variant, checked by onnxruntime
   accelkit run out/ --budget 2x --backend onnxruntime --prompt "a red circle"
@@ -68,42 +70,63 @@ def build_parser() -> argparse.ArgumentParser:
                "exit codes: 0 all budgets met; 2 bad input; 3 a budget or the --min-psnr floor not met "
                "(the report is still written).",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_model(optimize)
-    optimize.add_argument("--budget", action="append", metavar="Nx",
-                          help="target speedup, e.g. 2x; repeat for several (default: 2x)")
-    optimize.add_argument("--passes", default=None,
-                          help="comma-separated passes to use, applied in the order steps,prune,quant,sparse,cache "
-                               "(default: steps,cache)")
-    optimize.add_argument("--trials", type=int, default=12, help="search trials in total (default: 12)")
-    optimize.add_argument("--steps", type=int, default=28, help="sampler steps of the baseline (default: 28)")
-    optimize.add_argument("--prompts", metavar="FILE", help="calibration prompts, one per line")
-    optimize.add_argument("--num-prompts", type=int, default=4, help="calibration prompts to use (default: 4)")
-    optimize.add_argument("--eval-prompts", metavar="FILE",
-                          help="held-out evaluation prompts (default: a held-out split of the built-in set)")
-    optimize.add_argument("--num-eval-prompts", type=int, default=8, help="evaluation prompts (default: 8)")
-    optimize.add_argument("--seed", type=int, default=0, help="base seed (default: 0)")
-    optimize.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    optimize.add_argument("--cost", default="roofline", choices=["roofline", "latency"],
-                          help="cost measure: roofline cost model (default) or measured latency")
-    optimize.add_argument("--cost-target", choices=["cpu", "h100"], default=None,
-                          help="device table for the roofline cost (default: cpu on CPU, h100 on CUDA)")
+    _add_search_options(optimize)
     optimize.add_argument("--min-psnr", type=float, default=None,
                           help="fidelity floor in dB; a plan below it fails the run with exit code 3")
-    optimize.add_argument("--storage", default=None,
-                          help="Optuna storage URL (default: sqlite in OUT); postgresql://... to share a study")
-    optimize.add_argument("--study", default=None, help="study name (default: derived from model and settings)")
-    optimize.add_argument("--height", type=int, default=None, help="image height (default: the model's)")
-    optimize.add_argument("--width", type=int, default=None, help="image width (default: the model's)")
-    optimize.add_argument("--guidance-scale", type=float, default=None, help="CFG scale (default: the model's)")
     optimize.add_argument("--out", default="accelkit-out", help="output directory (default: accelkit-out)")
     optimize.add_argument("--export", choices=["onnx", "tensorrt"], default=None,
                           help="also export every met plan (ONNX checked with onnxruntime)")
     optimize.add_argument("--quiet", action="store_true", help="no progress output")
     optimize.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
 
-    report = commands.add_parser("report", help="re-render OUT/report/ from OUT/report/report.json",
-                                 description="Re-render the fidelity report of an optimize run.")
-    report.add_argument("out", help="the directory optimize wrote")
+    search = commands.add_parser(
+        "search", help="run search trials as a worker against a shared study (distributed search)",
+        description="Run --trials trials of the budget search against a shared Optuna study and exit "
+                    "(no report). Start as many workers as wanted, on any machines that reach --storage; "
+                    "then write plans and the report with `accelkit report OUT --storage URL --study NAME`. "
+                    "The study stores the settings it was created with; a worker whose settings differ "
+                    "refuses to join. A killed worker's running trial is marked failed after the grace "
+                    "period and retried by another worker. --trials 0 only creates (or checks) the study.",
+        epilog="examples:\n"
+               "  accelkit search --worker --storage postgresql://u:pw@db/ak --study s1 zoo:shapes --budget 2x "
+               "--trials 0\n"
+               "  accelkit search --worker --storage postgresql://u:pw@db/ak --study s1 zoo:shapes --budget 2x "
+               "--trials 8\n"
+               "  accelkit report out/ --storage postgresql://u:pw@db/ak --study s1\n\n"
+               "exit codes: 0 trials ran; 2 bad input (e.g. settings differ from the study's); 130 interrupted "
+               "(the running trial is marked failed).",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    search.add_argument("--worker", action="store_true", required=True,
+                        help="run as a worker: N trials against --storage/--study, no report (required)")
+    _add_search_options(search, worker=True)
+    search.add_argument("--min-psnr", type=float, default=None,
+                        help="fidelity floor stored with a new study, used by its report (default: none)")
+    search.add_argument("--out", default=None,
+                        help="directory for the calibration cache (default: none, kept in memory)")
+    search.add_argument("--quiet", action="store_true", help="no progress output")
+    search.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+
+    report = commands.add_parser(
+        "report", help="re-render OUT/report/ from OUT/report/report.json, or report a shared study",
+        description="Re-render the fidelity report of an optimize run. With --storage: choose the plans "
+                    "from a shared study (workers of `accelkit search --worker`), evaluate them and write "
+                    "OUT/plans/ and OUT/report/; the model, prompts and settings come from the study.",
+        epilog="examples:\n  accelkit report out/\n"
+               "  accelkit report out/ --storage postgresql://u:pw@db/ak --study s1\n\n"
+               "exit codes (with --storage): 0 all budgets met; 2 bad input; 3 a budget or the --min-psnr "
+               "floor not met (the report is still written).",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    report.add_argument("out", help="the directory optimize wrote (with --storage: where to write)")
+    report.add_argument("--storage", default=None, help="Optuna storage URL of a shared study")
+    report.add_argument("--study", default=None, help="study name (default: the only study in --storage)")
+    report.add_argument("--model", default=None,
+                        help="with --storage: model to load (default: the study's; weights must match)")
+    report.add_argument("--budget", action="append", metavar="Nx",
+                        help="with --storage: budgets to report (default: the study's)")
+    report.add_argument("--min-psnr", type=float, default=None,
+                        help="with --storage: fidelity floor in dB (default: the study's)")
+    report.add_argument("--device", default=None, help="with --storage: cpu or cuda (default: the study's)")
+    report.add_argument("--quiet", action="store_true", help="no progress output")
 
     run = commands.add_parser(
         "run", help="generate images with a plan",
@@ -131,6 +154,64 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--target", default="onnx", choices=["onnx", "tensorrt"], help="export target")
     export.add_argument("--model", default=None, help="model to load (default: the one the plan names)")
     return parser
+
+
+def _add_search_options(parser: argparse.ArgumentParser, *, worker: bool = False) -> None:
+    """The model, generation and search options ``optimize`` and ``search --worker`` share."""
+    _add_model(parser)
+    parser.add_argument("--budget", action="append", metavar="Nx",
+                        help="target speedup, e.g. 2x; repeat for several (default: 2x)")
+    parser.add_argument("--passes", default=None,
+                        help="comma-separated passes to use, applied in the order steps,prune,quant,sparse,cache "
+                             "(default: steps,cache)")
+    if worker:
+        parser.add_argument("--trials", type=int, required=True,
+                            help="trials for this worker to run (0: only create or check the study)")
+    else:
+        parser.add_argument("--trials", type=int, default=12, help="search trials in total (default: 12)")
+    parser.add_argument("--steps", type=int, default=28, help="sampler steps of the baseline (default: 28)")
+    parser.add_argument("--prompts", metavar="FILE", help="calibration prompts, one per line")
+    parser.add_argument("--num-prompts", type=int, default=4, help="calibration prompts to use (default: 4)")
+    parser.add_argument("--eval-prompts", metavar="FILE",
+                        help="held-out evaluation prompts (default: a held-out split of the built-in set)")
+    parser.add_argument("--num-eval-prompts", type=int, default=8, help="evaluation prompts (default: 8)")
+    parser.add_argument("--seed", type=int, default=0, help="base seed (default: 0)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    parser.add_argument("--cost", default="roofline", choices=["roofline", "latency"],
+                        help="cost measure: roofline cost model (default) or measured latency")
+    parser.add_argument("--cost-target", choices=["cpu", "h100"], default=None,
+                        help="device table for the roofline cost (default: cpu on CPU, h100 on CUDA)")
+    if worker:
+        parser.add_argument("--storage", required=True,
+                            help="Optuna storage URL of the shared study: postgresql://user:pw@host/db "
+                                 "(or sqlite:///file.db on one machine)")
+    else:
+        parser.add_argument("--storage", default=None,
+                            help="Optuna storage URL (default: sqlite in OUT); postgresql://... to share a study")
+    parser.add_argument("--study", default=None, help="study name (default: derived from model and settings)")
+    parser.add_argument("--height", type=int, default=None, help="image height (default: the model's)")
+    parser.add_argument("--width", type=int, default=None, help="image width (default: the model's)")
+    parser.add_argument("--guidance-scale", type=float, default=None, help="CFG scale (default: the model's)")
+    parser.add_argument("--heartbeat", type=int, default=10,
+                        help="seconds between heartbeats of a running trial (default: 10)")
+    parser.add_argument("--grace-period", type=int, default=None,
+                        help="seconds without heartbeat after which a running trial counts as dead, is "
+                             "marked failed and retried (default: 3x --heartbeat); workers of one study must agree")
+
+
+def _settings_from_args(args: argparse.Namespace) -> Any:
+    from accelkit.search.optimize import OptimizeSettings, parse_budget, parse_passes
+
+    budgets = tuple(args.budget or ["2x"])
+    for budget in budgets:
+        parse_budget(budget)
+    return OptimizeSettings(
+        model=args.model, budgets=budgets, passes=parse_passes(args.passes), trials=args.trials, steps=args.steps,
+        num_prompts=args.num_prompts, num_eval_prompts=args.num_eval_prompts, prompts_file=args.prompts,
+        eval_prompts_file=args.eval_prompts, seed=args.seed, device=args.device, cost=args.cost,
+        cost_target=args.cost_target, min_psnr=args.min_psnr, storage=args.storage, study=args.study,
+        out=args.out, height=args.height, width=args.width, guidance_scale=args.guidance_scale,
+        heartbeat=args.heartbeat, grace_period=args.grace_period)
 
 
 def _version() -> str:
@@ -202,17 +283,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_optimize(args: argparse.Namespace) -> int:
-    from accelkit.search.optimize import OptimizeSettings, optimize, parse_budget, parse_passes
+    from accelkit.search.optimize import optimize
 
-    budgets = tuple(args.budget or ["2x"])
-    for budget in budgets:
-        parse_budget(budget)
-    settings = OptimizeSettings(
-        model=args.model, budgets=budgets, passes=parse_passes(args.passes), trials=args.trials, steps=args.steps,
-        num_prompts=args.num_prompts, num_eval_prompts=args.num_eval_prompts, prompts_file=args.prompts,
-        eval_prompts_file=args.eval_prompts, seed=args.seed, device=args.device, cost=args.cost,
-        cost_target=args.cost_target, min_psnr=args.min_psnr, storage=args.storage, study=args.study,
-        out=args.out, height=args.height, width=args.width, guidance_scale=args.guidance_scale)
+    settings = _settings_from_args(args)
     console = _console(quiet=args.quiet or args.json)
     result = optimize(settings, console=console, progress=not (args.quiet or args.json))
     summary = {
@@ -242,12 +315,53 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     return result.exit_code
 
 
-def cmd_report(args: argparse.Namespace) -> int:
-    from accelkit.report.render import render_from_json
+def cmd_search(args: argparse.Namespace) -> int:
+    from accelkit.search.worker import run_worker
 
-    path = render_from_json(args.out)
-    print(path)
-    return 0
+    settings = _settings_from_args(args)
+    if settings.trials < 0:
+        from accelkit.errors import InputError
+
+        raise InputError(f"--trials must be at least 0, got {settings.trials}")
+    console = _console(quiet=args.quiet or args.json)
+    result = run_worker(settings, console=console, progress=not (args.quiet or args.json))
+    summary = {"study": result.study_name, "ran": result.ran, "states": result.states,
+               "exit_code": result.exit_code}
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        states = ", ".join(f"{count} {state.lower()}" for state, count in sorted(result.states.items()))
+        console.print(f"study '{result.study_name}': this worker finished {result.ran} trial(s)"
+                      + (f" ({states})" if states else ""))
+    return result.exit_code
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    if args.storage is None:
+        from accelkit.errors import InputError
+
+        stray = [f"--{n.replace('_', '-')}" for n in ("study", "model", "budget", "min_psnr", "device")
+                 if getattr(args, n) is not None]
+        if stray:
+            raise InputError(f"{', '.join(stray)} need --storage (they choose what to report from a shared study)")
+        from accelkit.report.render import render_from_json
+
+        path = render_from_json(args.out)
+        print(path)
+        return 0
+    from accelkit.search.optimize import parse_budget
+    from accelkit.search.worker import report_from_study
+
+    for budget in args.budget or []:
+        parse_budget(budget)
+    console = _console(quiet=args.quiet)
+    result = report_from_study(args.out, args.storage, args.study, model=args.model, budgets=args.budget,
+                               min_psnr=args.min_psnr, device=args.device, console=console)
+    failed = [o for o in result.outcomes if not o.met]
+    if failed:
+        console.print("[red]not met:[/] " + "; ".join(o.message for o in failed))
+    print(result.report_path)
+    return result.exit_code
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -297,8 +411,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"inspect": cmd_inspect, "optimize": cmd_optimize, "report": cmd_report, "run": cmd_run,
-            "export": cmd_export}
+COMMANDS = {"inspect": cmd_inspect, "optimize": cmd_optimize, "search": cmd_search, "report": cmd_report,
+            "run": cmd_run, "export": cmd_export}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
