@@ -198,14 +198,27 @@ def study_name_for(settings: OptimizeSettings, model_id: str, weights_hash: str,
 class Evaluator:
     """Builds programs from configs and measures their cost and fidelity; shared by trials."""
 
-    def __init__(self, *, base: Program, calib: Any, spec: Any, baseline_images: torch.Tensor | None = None) -> None:
-        from accelkit.search.cost import program_cost
-
+    def __init__(self, *, base: Program, calib: Any, spec: Any, baseline_images: torch.Tensor | None = None,
+                 latency_inputs: dict[str, Any] | None = None) -> None:
         self.base = base
         self.calib = calib
         self.spec = spec
+        # With latency inputs (one recorded denoiser call) costs are measured, not modelled.
+        self.latency_inputs = latency_inputs
         self._baseline_images = baseline_images
-        self.base_cost = program_cost(base, spec)
+        self.base_cost = self.cost(base)
+
+    def cost(self, program: Program) -> Any:
+        from accelkit.search.cost import measured_program_cost, program_cost
+
+        if self.latency_inputs is not None:
+            return measured_program_cost(program, self.latency_inputs)
+        return program_cost(program, self.spec)
+
+    def roofline_speedup(self, program: Program) -> float:
+        from accelkit.search.cost import program_cost
+
+        return program_cost(self.base, self.spec).seconds / program_cost(program, self.spec).seconds
 
     @property
     def baseline_images(self) -> torch.Tensor:
@@ -219,9 +232,7 @@ class Evaluator:
         return program, {name: program.resolved[name] for name in program.applied}
 
     def speedup(self, program: Program) -> tuple[float, Any]:
-        from accelkit.search.cost import program_cost
-
-        cost = program_cost(program, self.spec)
+        cost = self.cost(program)
         return self.base_cost.seconds / cost.seconds, cost
 
     def fidelity(self, program: Program, prompts: Sequence[str] | None = None,
@@ -270,8 +281,6 @@ def validate_settings(settings: OptimizeSettings, *, min_trials: int = 1) -> lis
             raise InputError(f"--{name} {value} is not a positive multiple of 8: pass e.g. --{name} {max(8, value // 8 * 8)}")
     if settings.cost not in ("roofline", "latency"):
         raise InputError(f"--cost must be 'roofline' or 'latency', got {settings.cost!r}")
-    if settings.cost == "latency":
-        raise InputError("--cost latency is not available yet in this version; use --cost roofline (the default)")
     if settings.device.startswith("cuda") and not torch.cuda.is_available():
         raise InputError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
     if settings.heartbeat < 1:
@@ -610,7 +619,8 @@ def prepare_search(settings: OptimizeSettings, *, role: str = "optimize", consol
     calib = Calibrator(pipe, calibration_prompts, height=generation["height"], width=generation["width"],
                        guidance_scale=generation["guidance_scale"], seed=settings.seed,
                        weights_hash=weights_hash, cache_dir=out / "calibration" if out is not None else None)
-    evaluator = Evaluator(base=base, calib=calib, spec=spec)
+    evaluator = Evaluator(base=base, calib=calib, spec=spec,
+                          latency_inputs=calls[0] if settings.cost == "latency" else None)
     if role != "report":
         say(f"baseline: {len(calibration_prompts)} calibration and {len(evaluation_prompts)} evaluation prompts")
         evaluator.baseline_images  # noqa: B018 - generate it now, not inside the first trial
@@ -702,6 +712,7 @@ def _finish(settings: OptimizeSettings, study: Any, evaluator: Evaluator, target
     params = sum(p.numel() for p in loaded.denoiser.parameters())
     weights_bytes = sum(p.numel() * p.element_size() for p in loaded.denoiser.parameters())
     outcomes: list[BudgetOutcome] = []
+    roofline_predictions: list[tuple[BudgetOutcome, float]] = []
     budget_reports = []
     for target in targets:
         name = budget_name(target)
@@ -744,7 +755,8 @@ def _finish(settings: OptimizeSettings, study: Any, evaluator: Evaluator, target
                    model={"id": loaded.model_id, "family": graph.family, "weights_hash": weights_hash},
                    pipe=loaded.pipe, generation={**generation, "probe_prompt": "a photo"},
                    baseline_steps=settings.steps,
-                   cost={"kind": "roofline", "target": cost_target, "seconds": cost.seconds, "flops": cost.flops,
+                   cost={"kind": settings.cost, "target": cost_target, "seconds": cost.seconds, "flops": cost.flops,
+                         "roofline_speedup": evaluator.roofline_speedup(program),
                          "speedup": speedup},
                    fidelity={k: metrics[k] for k in ("psnr", "ssim", "lpips")})
         summary = describe_plan(program, settings.steps)
@@ -753,6 +765,7 @@ def _finish(settings: OptimizeSettings, study: Any, evaluator: Evaluator, target
         if not floor_ok:
             message += f"; below --min-psnr {settings.min_psnr}"
         outcomes.append(BudgetOutcome(name, target, met, speedup, metrics["psnr"], best.number, plan_dir, message))
+        roofline_predictions.append((outcomes[-1], evaluator.roofline_speedup(program)))
         say(("[green]" if met else "[red]") + message + "[/]")
         budget_reports.append(BudgetReport(
             budget=name, target_speedup=target, met=met, speedup=speedup,
@@ -766,8 +779,13 @@ def _finish(settings: OptimizeSettings, study: Any, evaluator: Evaluator, target
               for t in completed]
     failed = [t for t in study.trials if t.state.name in ("FAIL", "PRUNED")]
     notes = [
-        f"Cost: roofline model of the denoiser graphs on the '{cost_target}' device table "
-        "(max of FLOPs/peak and bytes/bandwidth per node); wall-clock time on a shared CPU is noise.",
+        (f"Cost: measured denoiser latency on {settings.device} (median of repeats per graph variant, warm-up "
+         f"excluded, summed over the schedule); the roofline model on the '{cost_target}' table predicted "
+         + ", ".join(f"{o.budget}: {r:.2f}x" for o, r in roofline_predictions)
+         + " for the chosen plans (measured speedups above)."
+         if settings.cost == "latency" else
+         f"Cost: roofline model of the denoiser graphs on the '{cost_target}' device table "
+         "(max of FLOPs/peak and bytes/bandwidth per node); wall-clock time on a shared CPU is noise."),
         "Fidelity: PSNR/SSIM in float against the full-step baseline with the same seeds, on held-out prompts; "
         "the search itself used the calibration prompts.",
     ]
@@ -777,8 +795,9 @@ def _finish(settings: OptimizeSettings, study: Any, evaluator: Evaluator, target
     data = ReportData(
         model=ModelInfo(id=loaded.model_id, family=graph.family, params=int(params)),
         settings=Settings(steps=settings.steps, num_prompts=len(evaluation_prompts), seed=settings.seed,
-                          device=settings.device, cost_kind="flops"),
-        baseline=BaselineCost(cost=evaluator.base_cost.seconds, latency_ms=None, flops=evaluator.base_cost.flops,
+                          device=settings.device, cost_kind="latency" if settings.cost == "latency" else "flops"),
+        baseline=BaselineCost(cost=evaluator.base_cost.seconds,
+                              latency_ms=evaluator.base_cost.seconds * 1e3 if settings.cost == "latency" else None, flops=evaluator.base_cost.flops,
                               weights_bytes=weights_bytes),
         budgets=tuple(budget_reports), floor_met=all(o.met for o in outcomes), trials=tuple(trials),
         notes=tuple(notes), cost_model=f"roofline:{cost_target}", min_psnr=settings.min_psnr)
