@@ -211,6 +211,22 @@ class Program:
     def replace(self, **changes: Any) -> Program:
         return dataclasses.replace(self, **changes)
 
+    def sole_full_variant(self, pass_name: str) -> GraphVariant:
+        """The ``full`` variant, for passes that must run before any pass adds variants or state.
+
+        Raises:
+            InputError: the program already has other variants, a mixed schedule or stateful graphs.
+        """
+        if set(self.variants) != {"full"} or any(name != "full" for name in self.schedule):
+            raise InputError(
+                f"{pass_name} must run before passes that add graph variants (order: "
+                f"{' -> '.join(PASS_ORDER)}); this program has variants {sorted(self.variants)}"
+            )
+        full = self.variants["full"]
+        if full.state_inputs or full.scalar_inputs:
+            raise InputError(f"{pass_name} needs a stateless 'full' variant (it runs before cache)")
+        return full
+
     def validate(self) -> None:
         """Check internal consistency; raises ``ValueError`` naming the problem."""
         if "full" not in self.variants:

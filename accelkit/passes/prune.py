@@ -279,18 +279,6 @@ def _ordered_until(order: Iterable[int], flops: Sequence[float], target: float) 
 # ---------------------------------------------------------------- calibration
 
 
-def _check_program(program: Program) -> GraphVariant:
-    if set(program.variants) != {"full"} or any(name != "full" for name in program.schedule):
-        raise InputError(
-            "prune must run before passes that add graph variants (order: steps -> prune -> quant -> sparse "
-            f"-> cache); this program has variants {sorted(program.variants)}"
-        )
-    full = program.variants["full"]
-    if full.state_inputs or full.scalar_inputs:
-        raise InputError("prune needs a stateless 'full' variant (it runs before cache)")
-    return full
-
-
 def record_calibration_inputs(
     program: Program, calib: Any, max_calls: int = DEFAULT_SCORE_CALLS
 ) -> list[list[torch.Tensor]]:
@@ -378,7 +366,7 @@ def measure_additivity(
     The actual loss is the output MSE with the whole set removed, on the same recorded calibration
     inputs the single-block scores use. Not run by the pass; for reports and experiments.
     """
-    full = _check_program(program)
+    full = program.sole_full_variant("prune")
     pairings = {p.name: p for p in removal_candidates(full.module)}
     candidates = [p for p in pairings.values() if p.removable]
     scores, calls = _calibrated_scores(program, calib, candidates, max_calls)
@@ -419,7 +407,7 @@ def prune(program: Program, config: PruneConfig, calib: Any) -> PassResult:
             a resolved ``removed_blocks``.
     """
     if not config.is_noop():
-        _check_program(program)
+        program.sole_full_variant("prune")
     full = program.variants["full"]
     module = full.module
     blocks = find_blocks(module)

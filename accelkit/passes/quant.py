@@ -465,18 +465,6 @@ def replace_linears(
 # ---------------------------------------------------------------- the pass
 
 
-def _check_program(program: Program) -> GraphVariant:
-    if set(program.variants) != {"full"} or any(name != "full" for name in program.schedule):
-        raise InputError(
-            "quant must run before passes that add graph variants (order: steps -> prune -> quant -> sparse "
-            f"-> cache); this program has variants {sorted(program.variants)}"
-        )
-    full = program.variants["full"]
-    if full.state_inputs or full.scalar_inputs:
-        raise InputError("quant needs a stateless 'full' variant (it runs before cache)")
-    return full
-
-
 @dataclass
 class _Calibration:
     """Lazily computed statistics (activation maxima and samples), shared by the search and the build."""
@@ -537,7 +525,7 @@ def quant(program: Program, config: QuantConfig, calib: Any) -> PassResult:
     """
     if config.is_noop():
         return PassResult(program, modified=False, stats={"quantized": []}, resolved_config=config)
-    full = _check_program(program)
+    full = program.sole_full_variant("quant")
     module = full.module
     sites = find_quant_sites(module, config)
     by_path = {s.path: s for s in sites}

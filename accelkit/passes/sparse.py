@@ -412,18 +412,6 @@ def sparsify_module(
 # ---------------------------------------------------------------- the pass
 
 
-def _check_program(program: Program) -> GraphVariant:
-    if set(program.variants) != {"full"} or any(name != "full" for name in program.schedule):
-        raise InputError(
-            "sparse must run before passes that add graph variants (order: steps -> prune -> quant -> sparse "
-            f"-> cache); this program has variants {sorted(program.variants)}"
-        )
-    full = program.variants["full"]
-    if full.state_inputs or full.scalar_inputs:
-        raise InputError("sparse needs a stateless 'full' variant (it runs before cache)")
-    return full
-
-
 def _site_stats(sites: Sequence[AttentionSite]) -> dict[str, Any]:
     return {
         "dense_sites": {s.name: s.dense_reason for s in sites if s.dense_reason},
@@ -445,7 +433,7 @@ def sparse(program: Program, config: SparseConfig, calib: Any) -> PassResult:
     if config.is_noop():
         stats.update(sparse_sites=[], mean_kept_fraction=1.0)
         return PassResult(program, modified=False, stats=stats, resolved_config=config)
-    full = _check_program(program)
+    full = program.sole_full_variant("sparse")
     all_sites = attention_sites(full.module, config, _text_tokens(program))
     sites = [s for s in all_sites if s.dense_reason is None]
     stats.update(_site_stats(all_sites))
