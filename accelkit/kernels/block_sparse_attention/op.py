@@ -13,14 +13,17 @@ import math
 
 import torch
 
+from accelkit.kernels._backend import BACKENDS, BackendLog
+from accelkit.kernels._backend import resolve_backend as _resolve_backend
+
 from .reference import block_sparse_attention_reference
 
 __all__ = ["block_sparse_attention", "resolve_backend", "BACKENDS"]
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "triton", "reference")
-_LOGGED: set[tuple[str, str]] = set()
+_log_choice = BackendLog(logger, "accelkit::block_sparse_attention", "correct, but slow and memory-hungry")
+_LOGGED = _log_choice.seen
 
 
 def _triton_available() -> bool:
@@ -30,43 +33,8 @@ def _triton_available() -> bool:
 
 
 def resolve_backend(device: torch.device | str, backend: str = "auto") -> str:
-    """Return the backend (``"triton"`` or ``"reference"``) that runs for inputs on ``device``.
-
-    Args:
-        device: device of the inputs.
-        backend: ``"auto"`` (Triton on CUDA when importable, else the reference), ``"triton"`` (raise
-            if it cannot run) or ``"reference"``.
-
-    Raises:
-        ValueError: unknown backend.
-        RuntimeError: ``"triton"`` requested but triton is not importable or the device is not CUDA.
-    """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    device_type = torch.device(device).type
-    if backend == "reference":
-        return "reference"
-    if backend == "triton":
-        if device_type != "cuda":
-            raise RuntimeError(f"backend='triton' needs CUDA tensors, got device {device_type!r}")
-        if not _triton_available():
-            raise RuntimeError("backend='triton' requested but triton is not importable (pip install triton)")
-        return "triton"
-    return "triton" if device_type == "cuda" and _triton_available() else "reference"
-
-
-def _log_choice(device_type: str, chosen: str) -> None:
-    key = (device_type, chosen)
-    if key in _LOGGED:
-        return
-    _LOGGED.add(key)
-    if device_type == "cuda" and chosen == "reference":
-        logger.warning(
-            "accelkit::block_sparse_attention: triton is not importable; CUDA inputs run the dense "
-            "PyTorch reference (correct, but slow and memory-hungry)"
-        )
-    else:
-        logger.info("accelkit::block_sparse_attention: %s inputs run the %s backend", device_type, chosen)
+    """The backend that runs for inputs on ``device`` (see :func:`accelkit.kernels._backend.resolve_backend`)."""
+    return _resolve_backend(device, backend, _triton_available)
 
 
 def _run(q, k, v, counts, indices, block_q, block_k, scale, backend):
