@@ -171,7 +171,8 @@ def _add_search_options(parser: argparse.ArgumentParser, *, worker: bool = False
         parser.add_argument("--trials", type=int, default=12, help="search trials in total (default: 12)")
     parser.add_argument("--steps", type=int, default=28, help="sampler steps of the baseline (default: 28)")
     parser.add_argument("--prompts", metavar="FILE", help="calibration prompts, one per line")
-    parser.add_argument("--num-prompts", type=int, default=4, help="calibration prompts to use (default: 4)")
+    parser.add_argument("--num-prompts", type=int, default=8,
+                        help="calibration prompts the search scores trials on (default: 8; fewer makes choices noisy)")
     parser.add_argument("--eval-prompts", metavar="FILE",
                         help="held-out evaluation prompts (default: a held-out split of the built-in set)")
     parser.add_argument("--num-eval-prompts", type=int, default=8, help="evaluation prompts (default: 8)")

@@ -394,8 +394,11 @@ def cache(program: Program, config: CacheConfig, calib: Any) -> PassResult:
                 key,
                 lambda: profile_end_to_end_costs(calib, program, full, cached, max_gap, scalar_names),
             )
-            mask = schedules.dp_schedule_from_costs(_apply_weighting(costs, config.weighting), full_steps,
-                                                    warmup=config.warmup)
+            try:
+                mask = schedules.dp_schedule_from_costs(_apply_weighting(costs, config.weighting), full_steps,
+                                                        warmup=config.warmup)
+            except ValueError as error:
+                raise InputError(f"cache: {error}; allow more full steps or less warm-up") from None
             objective = float(_mask_cost(costs, mask))
         else:
             probe = program.replace(variants={**program.variants, "full": full})
@@ -404,8 +407,11 @@ def cache(program: Program, config: CacheConfig, calib: Any) -> PassResult:
             key = calib.cache_key("cache-prior", program, span=[span.start, span.stop], prior=config.prior,
                                   interval=interval)
             prior = calib.cached_array(key, lambda: profile_prior(calib, probe, config.prior, interval))
-            mask = schedules.dp_schedule(prior, full_steps, weighting=config.weighting,
-                                         max_gap=config.max_gap, warmup=config.warmup)
+            try:
+                mask = schedules.dp_schedule(prior, full_steps, weighting=config.weighting,
+                                             max_gap=config.max_gap, warmup=config.warmup)
+            except ValueError as error:
+                raise InputError(f"cache: {error}; allow more full steps or less warm-up") from None
             objective = schedules.schedule_objective(prior, mask, config.weighting)
             uniform = schedules.uniform_schedule(steps, full_steps)
             stats["uniform_objective"] = schedules.schedule_objective(prior, uniform, config.weighting)

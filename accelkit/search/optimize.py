@@ -28,7 +28,14 @@ from typing import Any
 import torch
 
 from accelkit.errors import InputError
-from accelkit.passes.base import PASS_ORDER, PassConfig, Program, config_from_dict, run_passes
+from accelkit.passes.base import (
+    PASS_ORDER,
+    PassConfig,
+    PassFailedError,
+    Program,
+    config_from_dict,
+    run_passes,
+)
 
 SPEEDUP_TOLERANCE = 0.02
 DEFAULT_PASSES = ("steps", "cache")
@@ -76,7 +83,7 @@ class OptimizeSettings:
     passes: tuple[str, ...] = DEFAULT_PASSES
     trials: int = 12
     steps: int = 28
-    num_prompts: int = 4
+    num_prompts: int = 8
     num_eval_prompts: int = 8
     prompts_file: str | None = None
     eval_prompts_file: str | None = None
@@ -469,7 +476,11 @@ class SearchSession:
                 return cost.seconds, float(metrics["psnr"])
             except optuna.TrialPruned:
                 raise
-            except InputError as error:
+            except (InputError, PassFailedError) as error:
+                if isinstance(error, PassFailedError) and not isinstance(error.__cause__, InputError):
+                    trial.set_user_attr("error", f"PassFailedError: {str(error).splitlines()[0]}")
+                    raise
+                # A sampled combination the passes reject (e.g. warm-up longer than the full steps allow).
                 trial.set_user_attr("error", str(error))
                 raise optuna.TrialPruned(str(error)) from None
             except KeyboardInterrupt:
@@ -570,7 +581,8 @@ def prepare_search(settings: OptimizeSettings, *, role: str = "optimize", consol
         out.mkdir(parents=True, exist_ok=True)
     storage_url = settings.storage or f"sqlite:///{(out / 'study.db').resolve()}"  # type: ignore[operator]
     study_name = study_name_for(settings, loaded.model_id, weights_hash, generation)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # Failed trials are recorded with their reason in the study and the report's notes, not as tracebacks.
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     storage = open_storage(storage_url, settings)
     sampler = optuna.samplers.TPESampler(seed=settings.seed, multivariate=True, n_startup_trials=4)

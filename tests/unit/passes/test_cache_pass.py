@@ -337,3 +337,23 @@ def test_dp_schedule_with_calibrator(kind):
     assert cache(program, result.resolved_config, None).program.schedule == schedule
     # the pipeline is left as it was
     assert "forward" not in find_denoiser(pipe)[1].__dict__
+
+
+def test_infeasible_dp_schedule_is_bad_input(captured):
+    """A sampled combination the DP cannot satisfy is an InputError (the search prunes it)."""
+    import numpy as np
+
+    from accelkit.errors import InputError
+
+    graph, _, _ = captured["dit"]
+
+    class FixedPrior:
+        def cache_key(self, *args, **kwargs):
+            return "prior"
+
+        def cached_array(self, key, compute):
+            return np.ones((8, 8))
+
+    config = CacheConfig(full_fraction=0.25, schedule="dp", warmup=2, max_gap=2)
+    with pytest.raises(InputError, match="less warm-up"):
+        cache(Program.from_graph(graph, 8), config, FixedPrior())
