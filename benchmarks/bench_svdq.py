@@ -15,40 +15,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
+from _timing import time_fn  # noqa: E402 - sibling module in benchmarks/
 
 _ROOT = Path(__file__).resolve().parents[1]
 if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
 from accelkit.kernels.svdq_linear import quantize_weight_int4, svdq_linear  # noqa: E402
-
-
-def time_fn(fn, *, device: str, warmup: int, repeats: int) -> float:
-    """Median milliseconds of ``fn()`` (CUDA events on GPU, perf_counter on CPU)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    if device == "cuda":
-        torch.cuda.synchronize()
-        for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-    else:
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def make_layer(n: int, k: int, rank: int, group: int, device: str, dtype: torch.dtype):

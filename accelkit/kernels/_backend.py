@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 
 import torch
 
 BACKENDS = ("auto", "triton", "reference")
+
+
+@functools.cache
+def triton_importable() -> bool:
+    """True when ``triton`` imports (it says nothing about a GPU being present)."""
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:
+        return False
+    return True
 
 
 def resolve_backend(device: torch.device | str, backend: str, triton_available: Callable[[], bool]) -> str:

@@ -13,11 +13,12 @@ stays the caller's (``1/sqrt(72)`` by default).
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
 import torch
+
+from accelkit.kernels._backend import triton_importable
 
 __all__ = ["block_sparse_attention_triton", "KernelConfig", "is_available", "default_config"]
 
@@ -42,15 +43,7 @@ class KernelConfig:
     num_stages: int = 3
 
 
-@functools.cache
-def is_available() -> bool:
-    """True when ``triton`` imports (it says nothing about a GPU being present)."""
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception:
-        return False
-    return True
+is_available = triton_importable
 
 
 def default_config(block_q: int, block_k: int, head_dim: int) -> KernelConfig:

@@ -23,10 +23,11 @@ quantized activation values in FP16 (exact for e4m3 and INT4 values), which test
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
+
+from accelkit.kernels._backend import triton_importable
 
 __all__ = ["svdq_linear_triton", "KernelConfig", "is_available", "default_config"]
 
@@ -50,15 +51,7 @@ class KernelConfig:
     num_stages: int = 3
 
 
-@functools.cache
-def is_available() -> bool:
-    """True when ``triton`` imports (it says nothing about a GPU being present)."""
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception:
-        return False
-    return True
+is_available = triton_importable
 
 
 def default_config(m: int, n: int) -> KernelConfig:
