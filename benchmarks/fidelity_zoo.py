@@ -25,16 +25,13 @@ import time
 from pathlib import Path
 
 import torch
+from _zoo import load_zoo_bench
 
-from accelkit.calibrate import Calibrator
-from accelkit.capture import capture
-from accelkit.loading import load_pipeline, record_denoiser_calls, weights_fingerprint
 from accelkit.passes.base import Program, run_passes
 from accelkit.passes.cache import CacheConfig
 from accelkit.passes.steps import StepsConfig
 from accelkit.report.metrics import fidelity
 from accelkit.search.cost import device_spec, program_cost
-from accelkit.zoo import ZOO_MODELS, calibration_prompts, evaluation_prompts
 
 
 def cache_fraction_for(base: Program, spec, target: float, config: CacheConfig) -> float | None:
@@ -66,23 +63,14 @@ def main(argv: list[str] | None = None) -> dict:
         args.steps, args.budgets, args.calib_prompts, args.eval_prompts, args.no_e2e = 6, [2.0], 1, 1, True
 
     started = time.time()
-    loaded = load_pipeline("zoo:shapes")
-    info = ZOO_MODELS["shapes"]
-    generation = {"height": info.height, "width": info.width, "guidance_scale": info.guidance_scale}
-    calls = record_denoiser_calls(loaded.pipe, prompt="a red circle", num_inference_steps=2, output_type="latent",
-                                  generator=torch.Generator().manual_seed(0), **generation)
-    base = Program.from_graph(capture(loaded.denoiser, calls[0]), args.steps)
+    bench = load_zoo_bench(args.steps, args.calib_prompts, args.eval_prompts)
+    base, calib, prompts = bench.base, bench.calib, bench.prompts
     spec = device_spec("cpu")
     base_cost = program_cost(base, spec).seconds
-    calib = Calibrator(loaded.pipe, calibration_prompts(args.calib_prompts), seed=0,
-                       weights_hash=weights_fingerprint(loaded.denoiser), **generation)
-    prompts = evaluation_prompts(args.eval_prompts)
-    seed_offset = 10_000
-    baseline = calib.generate(base, prompts, seed_offset=seed_offset).images
 
     def evaluate(configs) -> dict:
         program, _ = run_passes(base, configs, calib)
-        metrics = fidelity(calib.generate(program, prompts, seed_offset=seed_offset).images, baseline)
+        metrics = fidelity(bench.images(program), bench.baseline)
         return {"speedup": base_cost / program_cost(program, spec).seconds, "psnr": metrics["psnr"],
                 "ssim": metrics["ssim"], "schedule": program.stats.get("cache", {}).get("schedule"),
                 "steps": program.num_steps}

@@ -130,3 +130,20 @@ def graph_costs(module: fx.GraphModule) -> dict[str, NodeCost]:
         moved = _input_bytes(module, node) + _tensor_bytes(_val(node))
         costs[node.name] = NodeCost(flops=flops, bytes=moved, kind=kind)
     return costs
+
+
+def weights_bytes(modules) -> int:
+    """Bytes of the constants (weights, buffers) the graphs of ``modules`` read, each tensor once.
+
+    Only tensors a ``get_attr`` node reaches count: a pruned block's parameters may still hang off the
+    module but no longer belong to the model, and graph variants sharing a weight store it once.
+    """
+    seen: dict[tuple[int, int], int] = {}
+    for module in modules:
+        for node in module.graph.nodes:
+            tensor = _weight_tensor(module, node)
+            if tensor is None:
+                continue
+            key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset()) if tensor.numel() else (id(tensor), 0)
+            seen[key] = tensor.numel() * tensor.element_size()
+    return int(sum(seen.values()))

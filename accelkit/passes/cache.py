@@ -17,6 +17,8 @@ data-dependent branch and no host sync. The mask comes from a DP over an error p
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -318,20 +320,28 @@ def profile_prior(calib: Any, probe: Program, kind: str, max_interval: int) -> n
 
 
 def profile_end_to_end_costs(
-    calib: Any, program: Program, full: GraphVariant, cached: GraphVariant, max_gap: int, scalars: dict
+    calib: Any, program: Program, writers: Mapping[str, GraphVariant], cached: GraphVariant, max_gap: int,
+    scalars: Sequence[str],
 ) -> np.ndarray:
-    """costs[a, b]: final-image MSE when only steps a+1..b-1 are cached (assumed additive)."""
+    """costs[a, b]: final-image MSE when only steps a+1..b-1 are cached (assumed additive).
+
+    ``writers`` are the full-compute variants instrumented to write the cache state, by the name the
+    program's schedule uses; only steps that run ``"full"`` can be cached (others stay infinite).
+    """
     steps = program.num_steps
-    baseline = calib.generate(program.replace(variants={"full": full}, schedule=("full",) * steps)).images
+    baseline = calib.generate(program.replace(variants=dict(writers))).images
+    cacheable = np.array([name == "full" for name in program.schedule])
     costs = np.full((steps, steps), np.inf)
     for a in range(steps):
         costs[a, a + 1 : a + 2] = 0.0
         for b in range(a + 2, min(steps, a + max_gap + 1)):
+            if not cacheable[a + 1 : b].all():
+                continue
             mask = np.ones(steps, dtype=bool)
             mask[a + 1 : b] = False
-            schedule = tuple("full" if m else "cached" for m in mask)
+            schedule = tuple(name if m else "cached" for name, m in zip(program.schedule, mask, strict=True))
             trial = program.replace(
-                variants={"full": full, "cached": cached},
+                variants={**writers, "cached": cached},
                 schedule=schedule,
                 step_scalars={k: taylor_coefficients(mask) for k in scalars},
             )
@@ -356,11 +366,15 @@ def cache(program: Program, config: CacheConfig, calib: Any) -> PassResult:
     steps = program.num_steps
     if config.is_noop() or config.full_steps(steps) >= steps:
         return PassResult(program, modified=False, stats={"full_steps": steps, "num_steps": steps})
-    others = sorted(set(program.schedule) - {"full"})
+    # Steps that run another full-compute variant (sparse.dense_steps' "full_dense") must stay full
+    # steps: the cached variant is derived from "full" alone. They may only lead the schedule, where
+    # they act as a cache warm-up.
+    forced = sum(1 for _ in itertools.takewhile(lambda name: name != "full", program.schedule))
+    others = sorted(set(program.schedule[forced:]) - {"full"})
     if others:
         raise InputError(
-            f"the cache pass needs every step to run the 'full' variant, but the schedule also runs {others} "
-            "(e.g. sparse.dense_steps > 0); combine cache with sparse.dense_steps=0"
+            f"the cache pass can cache only 'full' steps after any leading dense steps, but the schedule "
+            f"also runs {others} later; combine cache with a schedule of 'full' steps"
         )
     base = program.variants["full"]
     span = locate_span(base.module, config.first_blocks, config.last_blocks)
@@ -369,7 +383,18 @@ def cache(program: Program, config: CacheConfig, calib: Any) -> PassResult:
     full = GraphVariant(full_module, base.state_inputs, (*base.state_outputs, *state_names), base.scalar_inputs)
     cached = GraphVariant(cached_module, (*base.state_inputs, *cached_inputs), base.state_outputs,
                           (*base.scalar_inputs, *scalar_names))
+    # Every full-compute variant writes the cache state, so a cached step may follow any of them.
+    writers = {"full": full}
+    for name in sorted(set(program.schedule[:forced])):
+        other = program.variants[name]
+        other_span = locate_span(other.module, config.first_blocks, config.last_blocks)
+        other_module, other_states = build_full_variant(other.module, other_span)
+        if other_states != state_names:
+            raise InputError(f"cache: variant '{name}' has a different block structure than 'full'")
+        writers[name] = GraphVariant(other_module, other.state_inputs, (*other.state_outputs, *other_states),
+                                     other.scalar_inputs)
     full_steps = config.full_steps(steps)
+    warmup = max(config.warmup, forced)
     stats: dict[str, Any] = {
         "span_blocks": [span.start, span.stop],
         "mode": "residual" if span.residual else "output reuse",
@@ -381,8 +406,11 @@ def cache(program: Program, config: CacheConfig, calib: Any) -> PassResult:
         if any(not 0 <= i < steps for i in indices) or 0 not in indices:
             raise InputError(f"cache.full_step_mask {indices} does not fit {steps} steps (step 0 must be full)")
         mask[indices] = True
+        if not mask[:forced].all():
+            raise InputError(f"cache.full_step_mask {indices} caches one of the first {forced} (dense) steps")
     elif config.schedule == "uniform":
         mask = schedules.uniform_schedule(steps, full_steps)
+        mask[:forced] = True
     else:
         if calib is None:
             raise InputError("the DP cache schedule needs calibration data; pass a Calibrator or a full_step_mask")
@@ -392,16 +420,16 @@ def cache(program: Program, config: CacheConfig, calib: Any) -> PassResult:
                                   approximation=config.approximation, max_gap=max_gap)
             costs = calib.cached_array(
                 key,
-                lambda: profile_end_to_end_costs(calib, program, full, cached, max_gap, scalar_names),
+                lambda: profile_end_to_end_costs(calib, program, writers, cached, max_gap, scalar_names),
             )
             try:
                 mask = schedules.dp_schedule_from_costs(_apply_weighting(costs, config.weighting), full_steps,
-                                                        warmup=config.warmup)
+                                                        warmup=warmup)
             except ValueError as error:
                 raise InputError(f"cache: {error}; allow more full steps or less warm-up") from None
             objective = float(_mask_cost(costs, mask))
         else:
-            probe = program.replace(variants={**program.variants, "full": full})
+            probe = program.replace(variants={**program.variants, **writers})
             # A fixed profiling window keeps one cached prior valid for every full-step count.
             interval = min(steps - 1, PRIOR_MAX_INTERVAL)
             key = calib.cache_key("cache-prior", program, span=[span.start, span.stop], prior=config.prior,
@@ -409,18 +437,18 @@ def cache(program: Program, config: CacheConfig, calib: Any) -> PassResult:
             prior = calib.cached_array(key, lambda: profile_prior(calib, probe, config.prior, interval))
             try:
                 mask = schedules.dp_schedule(prior, full_steps, weighting=config.weighting,
-                                             max_gap=config.max_gap, warmup=config.warmup)
+                                             max_gap=config.max_gap, warmup=warmup)
             except ValueError as error:
                 raise InputError(f"cache: {error}; allow more full steps or less warm-up") from None
             objective = schedules.schedule_objective(prior, mask, config.weighting)
             uniform = schedules.uniform_schedule(steps, full_steps)
             stats["uniform_objective"] = schedules.schedule_objective(prior, uniform, config.weighting)
         stats["objective"] = objective
-    schedule = tuple("full" if m else "cached" for m in mask)
+    schedule = tuple(name if m else "cached" for name, m in zip(program.schedule, mask, strict=True))
     step_scalars = dict(program.step_scalars)
     if scalar_names:
         step_scalars["cache.taylor_coef"] = taylor_coefficients(mask)
-    new_program = program.replace(variants={**program.variants, "full": full, "cached": cached},
+    new_program = program.replace(variants={**program.variants, **writers, "cached": cached},
                                   schedule=schedule, step_scalars=step_scalars)
     stats.update(full_steps=int(mask.sum()), schedule=schedules.describe_schedule(mask))
     resolved = CacheConfig(**{**config.to_dict(), "full_step_mask": tuple(int(i) for i in np.flatnonzero(mask))})

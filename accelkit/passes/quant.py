@@ -397,7 +397,7 @@ def _relative_output_error(
     from accelkit.kernels.svdq_linear.reference import svdq_linear_reference
 
     x = sample.to(w.dtype)
-    reference = x.double() @ w.double().t()
+    reference = x.double() @ w.detach().double().t()
     out = svdq_linear_reference(
         x, q.packed, q.scales, q.lora_down, q.lora_up, q.smooth, None,
         group_size=config.group_size, act_mode=config.act_mode,

@@ -470,19 +470,30 @@ def sparse(program: Program, config: SparseConfig, calib: Any) -> PassResult:
         kept = [float(profile[s, i, 1]) for s, i in enumerate(chosen)]
         stats["l1_error"] = {s.name: float(profile[j, i, 0]) for j, (s, i) in enumerate(zip(sites, chosen, strict=True))}
         stats["l1_budget"] = config.l1_budget
-    sparse_module = sparsify_module(full.module, sites, taus, config, kept)
     stats["taus"] = {s.name: t for s, t in zip(sites, taus, strict=True)}
     if kept is not None:
         stats["kept_fraction"] = {s.name: k for s, k in zip(sites, kept, strict=True)}
         stats["mean_kept_fraction"] = float(np.mean(kept))
+    resolved = SparseConfig.from_dict({
+        **config.to_dict(), "taus": list(taus), "kept_fractions": list(kept) if kept is not None else None,
+    })
+    # τ = 1 keeps every block: such a site would pay for the mask and the sparse kernel to compute
+    # dense attention, so it keeps the original SDPA node.
+    skipped = [i for i, tau in enumerate(taus) if tau >= 1.0]
+    for i in skipped:
+        stats["dense_sites"][sites[i].name] = "calibrated tau = 1: no block can be skipped within the budget"
+    stats["sparse_sites"] = [s.name for i, s in enumerate(sites) if i not in skipped]
+    if len(skipped) == len(sites):
+        stats["note"] = "every site needs tau = 1"
+        return PassResult(program, modified=False, stats=stats, resolved_config=resolved)
+    keep = [i for i in range(len(sites)) if i not in skipped]
+    sparse_module = sparsify_module(full.module, [sites[i] for i in keep], [taus[i] for i in keep], config,
+                                    [kept[i] for i in keep] if kept is not None else None)
     variants = {"full": GraphVariant(sparse_module)}
     schedule = ("full",) * program.num_steps
     if dense_steps:
         variants["full_dense"] = full
         schedule = ("full_dense",) * dense_steps + ("full",) * (program.num_steps - dense_steps)
     stats["dense_steps"] = dense_steps
-    resolved = SparseConfig.from_dict({
-        **config.to_dict(), "taus": list(taus), "kept_fractions": list(kept) if kept is not None else None,
-    })
     new_program = program.replace(variants=variants, schedule=schedule)
     return PassResult(new_program, modified=True, stats=stats, resolved_config=resolved)

@@ -722,7 +722,7 @@ def _finish(settings: OptimizeSettings, study: Any, evaluator: Evaluator, target
     seed_offset = 10_000  # evaluation seeds differ from calibration seeds
     baseline_eval = evaluator.calib.generate(evaluator.base, evaluation_prompts, seed_offset=seed_offset).images
     params = sum(p.numel() for p in loaded.denoiser.parameters())
-    weights_bytes = sum(p.numel() * p.element_size() for p in loaded.denoiser.parameters())
+    weights_bytes = program_weights_bytes(evaluator.base)
     outcomes: list[BudgetOutcome] = []
     roofline_predictions: list[tuple[BudgetOutcome, float]] = []
     budget_reports = []
@@ -781,7 +781,7 @@ def _finish(settings: OptimizeSettings, study: Any, evaluator: Evaluator, target
         say(("[green]" if met else "[red]") + message + "[/]")
         budget_reports.append(BudgetReport(
             budget=name, target_speedup=target, met=met, speedup=speedup,
-            fidelity=FidelityMetrics.from_metrics(metrics), weights_bytes=weights_bytes,
+            fidelity=FidelityMetrics.from_metrics(metrics), weights_bytes=program_weights_bytes(program),
             passes=resolved, references=references, ablations=ablations, plan_summary=summary,
             eval_prompts=tuple(evaluation_prompts), prompts=tuple(evaluation_prompts),
             baseline_images=baseline_eval, accelerated_images=images))
@@ -817,12 +817,39 @@ def _finish(settings: OptimizeSettings, study: Any, evaluator: Evaluator, target
     return outcomes, report_path
 
 
+def program_weights_bytes(program: Program) -> int:
+    """Bytes of the weights the program's graph variants read (4-bit tensors at their packed size)."""
+    from accelkit.capture.cost import weights_bytes
+
+    return weights_bytes(variant.module for variant in program.variants.values())
+
+
 def describe_plan(program: Program, baseline_steps: int) -> str:
     """The plan in words."""
     parts = []
     if "steps" in program.applied and program.num_steps != baseline_steps:
         placement = "equalized-error" if program.sigmas is not None else "default"
         parts.append(f"run {program.num_steps} of {baseline_steps} sampler steps ({placement} spacing)")
+    removed = program.stats.get("prune", {}).get("removed_blocks") or []
+    if "prune" in program.applied and removed:
+        fraction = program.stats["prune"].get("removed_flops_fraction", 0.0)
+        parts.append(f"remove {len(removed)} block(s) ({', '.join(map(str, removed))}; "
+                     f"{fraction:.0%} of block FLOPs)")
+    quantized = program.stats.get("quant", {}).get("quantized") or []
+    if "quant" in program.applied and quantized:
+        resolved = program.resolved["quant"]
+        kept = program.stats["quant"].get("kept_16bit") or []
+        branch = f"rank-{resolved['rank']} 16-bit branch" if resolved.get("low_rank", True) else "no low-rank branch"
+        parts.append(f"quantize {len(quantized)} linear layers to 4 bits ({resolved['act_mode'].upper()}, "
+                     f"group {resolved['group_size']}, {branch}"
+                     + (f"; {len(kept)} most sensitive kept 16-bit" if kept else "") + ")")
+    sparse_stats = program.stats.get("sparse", {})
+    if "sparse" in program.applied and sparse_stats.get("sparse_sites"):
+        kept_share = sparse_stats.get("mean_kept_fraction")
+        dense = sparse_stats.get("dense_steps", 0)
+        parts.append(f"block-sparse attention at {len(sparse_stats['sparse_sites'])} site(s)"
+                     + (f", keeping {kept_share:.0%} of attention FLOPs" if kept_share is not None else "")
+                     + (f" (first {dense} steps dense)" if dense else ""))
     if "cache" in program.applied and "cached" in program.variants:
         stats = program.stats.get("cache", {})
         resolved = program.resolved["cache"]

@@ -45,8 +45,9 @@ ACT_MODES = ("w4a16", "w4a8", "w4a4")
 FP8_MAX = 448.0
 INT4_MIN, INT4_MAX = -8, 7
 SCALE_DTYPE = torch.float16
-# Smallest group scale: an all-zero group quantizes to zeros instead of dividing by zero.
-_TINY = 1e-8
+# Smallest group scale: an all-zero group quantizes to zeros instead of dividing by zero. It is the
+# smallest float16 subnormal: anything below rounds to a zero scale once stored in SCALE_DTYPE.
+_TINY = 2.0**-24
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
@@ -110,9 +111,16 @@ def dequantize_weight_int4(
 
 
 def fake_quant_weight_int4(w: torch.Tensor, group_size: int) -> torch.Tensor:
-    """``dequantize(quantize(w))`` in float64 (the refinement loop's ``Q``)."""
-    packed, scales = quantize_weight_int4(w, group_size)
-    return dequantize_weight_int4(packed, scales, group_size, torch.float64)
+    """``dequantize(quantize(w))`` in float64 (the refinement loop's ``Q``).
+
+    Computed without packing (equal to the round trip: an INT4 value times an fp16 scale is exact in
+    float32), because the calibration search calls this thousands of times.
+    """
+    n, k = w.shape
+    _check_group(k, group_size)
+    groups = w.detach().double().reshape(n, k // group_size, group_size)
+    scales = (groups.abs().amax(-1) / INT4_MAX).clamp_min(_TINY).to(SCALE_DTYPE).double().unsqueeze(-1)
+    return (torch.round(groups / scales).clamp(INT4_MIN, INT4_MAX) * scales).reshape(n, k)
 
 
 def quantize_act_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

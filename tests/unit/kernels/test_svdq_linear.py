@@ -12,6 +12,7 @@ import torch
 
 from accelkit.kernels.svdq_linear import (
     dequantize_weight_int4,
+    fake_quant_weight_int4,
     pack_int4,
     quantize_act_fp8,
     quantize_act_int4,
@@ -54,6 +55,14 @@ def test_weight_quantization_error_is_within_half_a_step():
     step = scales.float().repeat_interleave(32, dim=1)
     assert ((deq - w).abs() <= step / 2 + 1e-6).all()
     assert torch.equal(unpack_int4(packed).float() * step, deq)
+
+
+def test_fake_quant_equals_the_packed_round_trip():
+    gen = torch.Generator().manual_seed(3)
+    w = (torch.randn(24, 256, generator=gen) * torch.logspace(-3, 2, 256)).double()
+    w[0, :64] = 0.0  # an all-zero group
+    packed, scales = quantize_weight_int4(w, 64)
+    assert torch.equal(fake_quant_weight_int4(w, 64), dequantize_weight_int4(packed, scales, 64, torch.float64))
 
 
 def test_activation_quantizers():

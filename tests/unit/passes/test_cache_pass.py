@@ -357,3 +357,53 @@ def test_infeasible_dp_schedule_is_bad_input(captured):
     config = CacheConfig(full_fraction=0.25, schedule="dp", warmup=2, max_gap=2)
     with pytest.raises(InputError, match="less warm-up"):
         cache(Program.from_graph(graph, 8), config, FixedPrior())
+
+
+def _sparse_with_dense_steps(graph, steps: int, dense_steps: int) -> Program:
+    from accelkit.passes.sparse import SparseConfig, _text_tokens, attention_sites
+
+    program = Program.from_graph(graph, steps)
+    settings = dict(block_q=16, block_k=16, min_tokens=0)
+    count = sum(1 for s in attention_sites(program.variants["full"].module, SparseConfig(**settings),
+                                           _text_tokens(program)) if s.dense_reason is None)
+    sparse, _ = run_passes(program, [SparseConfig(taus=(0.3,) * count, dense_steps=dense_steps, **settings)])
+    return sparse
+
+
+def test_cache_after_sparse_dense_steps_keeps_them_full_and_writes_state_from_both(captured):
+    graph, kwargs, _ = captured["dit"]
+    sparse = _sparse_with_dense_steps(graph, 6, 2)
+    assert sparse.schedule[:2] == ("full_dense", "full_dense")
+    result = cache(sparse, CacheConfig(full_fraction=0.34, schedule="uniform", approximation="taylor"), None)
+    schedule = result.program.schedule
+    assert schedule[:2] == ("full_dense", "full_dense") and "cached" in schedule
+    assert result.resolved_config.full_step_mask[:2] == (0, 1)
+    # Both full-compute variants write the cache state (the dense one right after warm-up feeds Taylor).
+    variants = result.program.variants
+    assert variants["full_dense"].state_outputs == variants["full"].state_outputs != ()
+    executor = ProgramExecutor(result.program)
+    outputs = [executor.run(step, 0, kwargs, return_dict=False)[0] for step in range(6)]
+    assert all(torch.isfinite(o).all() for o in outputs)
+    assert executor.variant_calls["full_dense"] == 2 and executor.variant_calls["cached"] == schedule.count("cached")
+    # A step right after the dense steps that is cached reuses the dense step's residual exactly.
+    first_cached = schedule.index("cached")
+    if schedule[first_cached - 1] == "full_dense":
+        torch.testing.assert_close(outputs[first_cached], outputs[first_cached - 1])
+    with pytest.raises(InputError, match="dense"):
+        cache(sparse, CacheConfig(full_fraction=0.5, full_step_mask=(0, 2, 4, 5)), None)
+
+
+def test_dp_schedule_after_sparse_dense_steps_with_calibrator():
+    steps = 6
+    pipe = tiny_pipeline("flux")
+    call = pipeline_call_kwargs("flux")
+    call["num_inference_steps"] = steps
+    recorded = record_denoiser_calls(pipe, **call)
+    graph = capture(find_denoiser(pipe)[1], recorded[0])
+    calib = Calibrator(pipe, ["a red circle"], 64, 64, call["guidance_scale"])
+    sparse = _sparse_with_dense_steps(graph, steps, 2)
+    for prior in ("residual", "end_to_end"):
+        result = cache(sparse, CacheConfig(full_fraction=0.5, schedule="dp", prior=prior, max_gap=4), calib)
+        # Steps 0, 1 stay dense and full, the last step is full: the only 3-full-step schedule left.
+        assert result.program.schedule == ("full_dense", "full_dense", "cached", "cached", "cached", "full"), prior
+        assert np.isfinite(result.stats["objective"])

@@ -124,7 +124,8 @@ def test_tau_one_equals_dense_and_input_is_not_mutated(family):
     before = _snapshot(program)
     count = len(_sparse_sites(program, SparseConfig(**SMALL)))
     assert count >= 2
-    result = sparse(program, SparseConfig(taus=(1.0,) * count, **SMALL), None)
+    # Keeping at least every block makes the sparse path compute dense attention.
+    result = sparse(program, SparseConfig(taus=(0.5,) * count, min_blocks=10_000, **SMALL), None)
     assert result.modified and _snapshot(program) == before
     module = result.program.variants["full"].module
     assert _op_count(module, "aten::scaled_dot_product_attention") == 0
@@ -142,6 +143,24 @@ def test_tau_one_equals_dense_and_input_is_not_mutated(family):
     assert graph_costs(module)[node.name].kind == "attention"
 
 
+def test_sites_calibrated_to_tau_one_keep_dense_attention():
+    _, kwargs, program = _captured("flux")
+    count = len(_sparse_sites(program, SparseConfig(**SMALL)))
+    taus = (1.0,) + (0.5,) * (count - 1)
+    result = sparse(program, SparseConfig(taus=taus, **SMALL), None)
+    module = result.program.variants["full"].module
+    assert _op_count(module, "aten::scaled_dot_product_attention") == 1
+    assert _op_count(module, "accelkit::block_sparse_attention") == count - 1
+    assert len(result.stats["sparse_sites"]) == count - 1
+    assert sum("tau = 1" in reason for reason in result.stats["dense_sites"].values()) == 1
+    # The resolved config still lists every eligible site, so the plan replays to the same graph.
+    assert result.resolved_config.taus == taus
+    replayed = sparse(program, result.resolved_config, None).program.variants["full"].module
+    torch.testing.assert_close(_out(replayed, program, kwargs), _out(module, program, kwargs))
+    everything_dense = sparse(program, SparseConfig(taus=(1.0,) * count, **SMALL), None)
+    assert not everything_dense.modified and everything_dense.program is program
+
+
 def test_text_tokens_are_found_on_the_right_side():
     config = SparseConfig(**SMALL)
     flux = _sparse_sites(_captured("flux")[2], config)
@@ -157,7 +176,7 @@ def test_text_tokens_are_found_on_the_right_side():
 def test_masked_cross_attention_stays_dense():
     model, kwargs = tiny_denoiser("pixart", resolution=16)
     program = Program.from_graph(capture(model, kwargs), 2)
-    result = sparse(program, SparseConfig(taus=(1.0, 1.0), **SMALL), None)
+    result = sparse(program, SparseConfig(taus=(0.9, 0.9), **SMALL), None)
     assert sorted(result.stats["dense_sites"].values()) == ["has an attn_mask"] * 2
     assert len(result.stats["sparse_sites"]) == 2
 
