@@ -6,6 +6,9 @@
 unchanged: at each step it runs the variant the schedule names in onnxruntime, feeds the user
 inputs, the state tensors (last value, or the one before for ``"@prev"`` names, exactly as the
 PyTorch executor does) and the step's scalars, and keeps state per CFG branch.
+
+That schedule/state logic lives in :class:`ScheduleReplayRunner`, which the TensorRT runner
+(:mod:`accelkit.runtime.trt_runner`) shares; only feeding values and running a variant differ.
 """
 
 from __future__ import annotations
@@ -149,64 +152,56 @@ def _check_matches(meta: ProgramMeta, manifest: Mapping[str, Any], directory: Pa
                 problems.append(f"step scalar '{name}'")
     if problems:
         raise PlanMismatchError(
-            f"the ONNX export in '{directory}' was made for another program ({'; '.join(problems)}): "
+            f"the export in '{directory}' was made for another program ({'; '.join(problems)}): "
             "export this program again"
         )
 
 
-class OrtProgramRunner:
-    """Runs a program's exported variants in onnxruntime with per-branch state.
+def _resolve_meta(program_meta: Program | ProgramMeta | None, manifest: Mapping[str, Any]) -> ProgramMeta:
+    if isinstance(program_meta, Program):
+        return ProgramMeta.from_program(program_meta)
+    if isinstance(program_meta, ProgramMeta):
+        return program_meta
+    if program_meta is None:
+        return ProgramMeta.from_manifest(manifest)
+    raise InputError(
+        f"program_meta must be a Program, a ProgramMeta or None, not {type(program_meta).__name__}"
+    )
+
+
+class ScheduleReplayRunner:
+    """Replays a program's schedule over exported variants with per-branch state.
+
+    The schedule, state and scalar logic shared by the onnxruntime and TensorRT runners: at each
+    step the variant the schedule names runs with the user inputs, the state it reads (the last
+    value, or the one before for ``"@prev"`` names, exactly as the PyTorch executor does) and the
+    step's scalars; the state it writes is kept per CFG branch. Subclasses say how values are fed
+    and how one variant runs (:meth:`_feed_user`, :meth:`_feed_scalar`, :meth:`_execute`,
+    :meth:`_to_torch`).
 
     Args:
-        directory: the folder :func:`accelkit.export.onnx.export_program_onnx` wrote.
-        program_meta: the :class:`Program` the export was made from (checked against the manifest;
-            used to rebuild the denoiser's output structure), a :class:`ProgramMeta`, or None to run
-            from the manifest alone (outputs are then returned as a tuple).
-        providers: onnxruntime execution providers (default: CPU).
-        session_options: an ``onnxruntime.SessionOptions``.
-        check_files: verify every file's sha256 against the manifest before the first session.
+        directory: the export folder.
+        manifest: its parsed manifest (``program`` and ``models`` sections).
+        program_meta: the :class:`Program` the export was made from, a :class:`ProgramMeta`, or None
+            to run from the manifest alone (outputs are then returned as a tuple).
     """
 
     def __init__(
-        self,
-        directory: str | Path,
-        program_meta: Program | ProgramMeta | None = None,
-        *,
-        providers: Sequence[Any] | None = None,
-        session_options: Any = None,
-        check_files: bool = True,
+        self, directory: str | Path, manifest: Mapping[str, Any], program_meta: Program | ProgramMeta | None
     ) -> None:
-        from accelkit.export.onnx import read_manifest, verify_files
-
         self.directory = Path(directory)
-        self.manifest = read_manifest(self.directory)
-        if check_files:
-            verify_files(self.directory, self.manifest)
-        if isinstance(program_meta, Program):
-            meta = ProgramMeta.from_program(program_meta)
-        elif isinstance(program_meta, ProgramMeta):
-            meta = program_meta
-        elif program_meta is None:
-            meta = ProgramMeta.from_manifest(self.manifest)
-        else:
-            raise InputError(
-                f"program_meta must be a Program, a ProgramMeta or None, not {type(program_meta).__name__}"
-            )
-        _check_matches(meta, self.manifest, self.directory)
+        self.manifest = manifest
+        meta = _resolve_meta(program_meta, manifest)
+        _check_matches(meta, manifest, self.directory)
         self.meta = meta
         # StepAwareForward and AcceleratedPipeline read ``executor.program.num_steps``.
         self.program: Any = meta.program if meta.program is not None else meta
-        self.variants = {m["variant"]: VariantMeta.from_manifest(m) for m in self.manifest["models"]}
+        self.variants = {m["variant"]: VariantMeta.from_manifest(m) for m in manifest["models"]}
         missing = sorted(set(meta.schedule) - set(self.variants))
         if missing:
-            raise InputError(
-                f"the ONNX export in '{self.directory}' lacks variant(s) {missing} the schedule runs"
-            )
-        self.providers = list(providers) if providers is not None else ["CPUExecutionProvider"]
-        self.session_options = session_options
-        self._sessions: dict[str, Any] = {}
+            raise InputError(f"the export in '{self.directory}' lacks variant(s) {missing} the schedule runs")
         self._signature = meta.program.graph.signature() if meta.program is not None else None
-        self.states: dict[int, dict[str, list[np.ndarray]]] = {}
+        self.states: dict[int, dict[str, list[Any]]] = {}
         self.variant_calls: Counter[str] = Counter()
         self.state_log: list[tuple[int, int, dict[str, torch.Tensor]]] | None = None
 
@@ -214,18 +209,25 @@ class OrtProgramRunner:
         """Forget cached state (a new generation begins)."""
         self.states.clear()
 
-    def session(self, name: str) -> Any:
-        """The onnxruntime session of variant ``name`` (created on first use)."""
-        session = self._sessions.get(name)
-        if session is None:
-            import onnxruntime as ort
+    # Backend hooks -------------------------------------------------------------------------
 
-            path = self.directory / self.variants[name].file
-            session = ort.InferenceSession(
-                str(path), sess_options=self.session_options, providers=self.providers
-            )
-            self._sessions[name] = session
-        return session
+    def _feed_user(self, value: torch.Tensor, dtype: str) -> Any:
+        """A user input as the backend takes it."""
+        raise NotImplementedError
+
+    def _feed_scalar(self, name: str, step: int, dtype: str) -> Any:
+        """Step scalar ``name`` at ``step`` as the backend takes it."""
+        raise NotImplementedError
+
+    def _execute(self, name: str, variant: VariantMeta, feeds: dict[str, Any]) -> Sequence[Any]:
+        """Run variant ``name``; return its outputs in ``variant.output_names`` order."""
+        raise NotImplementedError
+
+    def _to_torch(self, value: Any, device: torch.device | None) -> torch.Tensor:
+        """A backend output as a torch tensor (on ``device`` when given)."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------------------------------
 
     def check_inputs(self, kwargs: Mapping[str, Any], variant: VariantMeta) -> None:
         """Refuse a call the exported models were not made for (shapes, dtypes, baked-in arguments)."""
@@ -255,28 +257,27 @@ class OrtProgramRunner:
                     raise PlanMismatchError(describe_signature_mismatch(program, kwargs))
                 got = list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
                 raise PlanMismatchError(
-                    f"the ONNX export expects {name} of shape {list(expected)} {variant.input_dtypes[index]}, "
+                    f"the export expects {name} of shape {list(expected)} {variant.input_dtypes[index]}, "
                     f"got {got}"
                 )
 
     def run(self, step: int, branch: int, kwargs: Mapping[str, Any], return_dict: bool) -> Any:
         """Run step ``step`` of the schedule for CFG branch ``branch`` and return the denoiser output."""
-        from accelkit.export.onnx import to_numpy
-
         name = self.meta.schedule[step]
         variant = self.variants[name]
         self.check_inputs(kwargs, variant)
         state = self.states.setdefault(branch, {})
         reference = kwargs[self.meta.input_names[0]]
-        values: list[np.ndarray] = [to_numpy(kwargs[n]) for n in self.meta.input_names]
+        values: list[Any] = [
+            self._feed_user(kwargs[n], variant.input_dtypes[i]) for i, n in enumerate(self.meta.input_names)
+        ]
         for state_name in variant.state_inputs:
             values.append(read_state(state, state_name, step, name))
         offset = len(values)
         for index, scalar in enumerate(variant.scalar_inputs):
-            dtype = _NUMPY_DTYPES.get(variant.input_dtypes[offset + index], np.float32)
-            values.append(np.asarray(self.meta.step_scalars[scalar][step], dtype=dtype))
+            values.append(self._feed_scalar(scalar, step, variant.input_dtypes[offset + index]))
         feeds = dict(zip(variant.input_names, values, strict=True))
-        outputs = self.session(name).run(list(variant.output_names), feeds)
+        outputs = self._execute(name, variant, feeds)
         self.variant_calls[name] += 1
         num_user = self.meta.num_user_outputs
         written = dict(zip(variant.state_outputs, outputs[num_user:], strict=True))
@@ -285,13 +286,72 @@ class OrtProgramRunner:
             history.append(value)
             del history[:-2]
         if self.state_log is not None:
-            self.state_log.append((step, branch, {k: torch.from_numpy(v) for k, v in written.items()}))
-        user = tuple(
-            torch.from_numpy(np.ascontiguousarray(o)).to(device=reference.device) for o in outputs[:num_user]
-        )
+            self.state_log.append((step, branch, {k: self._to_torch(v, None) for k, v in written.items()}))
+        user = tuple(self._to_torch(o, reference.device) for o in outputs[:num_user])
         if self.meta.program is not None:
             return self.meta.program.graph.rebuild_output(user, return_dict)
         return user
+
+
+class OrtProgramRunner(ScheduleReplayRunner):
+    """Runs a program's exported variants in onnxruntime with per-branch state.
+
+    Args:
+        directory: the folder :func:`accelkit.export.onnx.export_program_onnx` wrote.
+        program_meta: the :class:`Program` the export was made from (checked against the manifest;
+            used to rebuild the denoiser's output structure), a :class:`ProgramMeta`, or None to run
+            from the manifest alone (outputs are then returned as a tuple).
+        providers: onnxruntime execution providers (default: CPU).
+        session_options: an ``onnxruntime.SessionOptions``.
+        check_files: verify every file's sha256 against the manifest before the first session.
+    """
+
+    def __init__(
+        self,
+        directory: str | Path,
+        program_meta: Program | ProgramMeta | None = None,
+        *,
+        providers: Sequence[Any] | None = None,
+        session_options: Any = None,
+        check_files: bool = True,
+    ) -> None:
+        from accelkit.export.onnx import read_manifest, verify_files
+
+        manifest = read_manifest(directory)
+        if check_files:
+            verify_files(directory, manifest)
+        super().__init__(directory, manifest, program_meta)
+        self.providers = list(providers) if providers is not None else ["CPUExecutionProvider"]
+        self.session_options = session_options
+        self._sessions: dict[str, Any] = {}
+
+    def session(self, name: str) -> Any:
+        """The onnxruntime session of variant ``name`` (created on first use)."""
+        session = self._sessions.get(name)
+        if session is None:
+            import onnxruntime as ort
+
+            path = self.directory / self.variants[name].file
+            session = ort.InferenceSession(
+                str(path), sess_options=self.session_options, providers=self.providers
+            )
+            self._sessions[name] = session
+        return session
+
+    def _feed_user(self, value: torch.Tensor, dtype: str) -> np.ndarray:
+        from accelkit.export.onnx import to_numpy
+
+        return to_numpy(value)
+
+    def _feed_scalar(self, name: str, step: int, dtype: str) -> np.ndarray:
+        return np.asarray(self.meta.step_scalars[name][step], dtype=_NUMPY_DTYPES.get(dtype, np.float32))
+
+    def _execute(self, name: str, variant: VariantMeta, feeds: dict[str, Any]) -> Sequence[Any]:
+        return self.session(name).run(list(variant.output_names), feeds)
+
+    def _to_torch(self, value: Any, device: torch.device | None) -> torch.Tensor:
+        tensor = torch.from_numpy(np.ascontiguousarray(value))
+        return tensor if device is None else tensor.to(device=device)
 
 
 class OnnxAcceleratedPipeline(AcceleratedPipeline):

@@ -203,22 +203,19 @@ def export_plan(out_dir: str | Path, pipe: Any, budget: str | None = None, *, ta
         out_dir: the directory ``accelkit optimize --out`` wrote.
         pipe: the pipeline the plan was made for.
         budget: which plan (may be omitted when there is one).
-        target: ``"onnx"`` (checked with onnxruntime) or ``"tensorrt"`` (needs TensorRT installed).
+        target: ``"onnx"`` (checked with onnxruntime) or ``"tensorrt"`` (the ONNX export, then one
+            engine per variant; needs TensorRT and a GPU).
 
     Returns:
-        The export directory (``plans/<budget>/onnx``).
+        The export directory (``plans/<budget>/onnx`` or ``plans/<budget>/engines``).
     """
     if target not in ("onnx", "tensorrt"):
         raise InputError(f"unknown export target '{target}': choose onnx or tensorrt")
     if target == "tensorrt":
-        try:
-            import tensorrt  # noqa: F401
-        except ImportError:
-            raise InputError(
-                "TensorRT is not installed: install the [tensorrt] extra from NVIDIA's index on a GPU machine, "
-                "or export with --target onnx"
-            ) from None
-        raise InputError("TensorRT engine building is not available in this version; export with --target onnx")
+        from accelkit.export.tensorrt import require_tensorrt
+
+        # Before the (slow) capture: a machine without TensorRT learns it at once.
+        require_tensorrt()
     from accelkit.export.onnx import export_program_onnx
 
     plan = read_plan(out_dir, budget)
@@ -227,8 +224,81 @@ def export_plan(out_dir: str | Path, pipe: Any, budget: str | None = None, *, ta
     manifest = export_program_onnx(program, directory)
     data = dict(plan.data)
     data["engines"] = {"target": "onnx", "directory": "onnx", "manifest": manifest}
+    if target == "tensorrt":
+        from accelkit.export.tensorrt import build_engines, plan_weight_names
+
+        engines_dir = plan.path / "engines"
+        engine_manifest = build_engines(
+            directory,
+            engines_dir,
+            plan_data=plan.data,
+            weight_names=plan_weight_names(program),
+            # One cache per output folder: every budget's build reuses the tactic timings.
+            timing_cache=Path(out_dir) / "tensorrt-timing.cache",
+        )
+        data["engines"] = {
+            "target": "tensorrt",
+            "directory": "engines",
+            "manifest": engine_section(engine_manifest),
+            "onnx": {"directory": "onnx", "manifest": manifest},
+        }
+        directory = engines_dir
     atomic_write_json(plan.path / "plan.json", data)
     return directory
+
+
+def engine_section(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The engine manifest as ``plan.json`` lists it: every file, variant, profile, precision and hash.
+
+    The refit weight maps stay in the engine folder's own manifest (they can be long).
+    """
+    models = []
+    for model in manifest["models"]:
+        models.append(
+            {
+                "variant": model["variant"],
+                "file": model["file"],
+                "profile": {i["name"]: i["profile"] for i in model["inputs"]},
+                "precision": model["precision"]["label"],
+                "refit": model["refit"]["mode"],
+            }
+        )
+    return {
+        "tensorrt": manifest["tensorrt"],
+        "device": manifest["device"],
+        "compute_capability": manifest["compute_capability"],
+        "strongly_typed": manifest["strongly_typed"],
+        "models": models,
+        "files": manifest["files"],
+    }
+
+
+def verify_exports(out_dir: str | Path, budget: str | None = None) -> list[str]:
+    """Check every exported file ``plan.json`` lists against its sha256 (for CI after publishing).
+
+    Returns:
+        The checked files, relative to the plan folder.
+
+    Raises:
+        InputError: the plan lists no export, or a file is missing or differs (the message names it).
+    """
+    from accelkit.export.onnx import OnnxExportError, verify_files
+
+    plan = read_plan(out_dir, budget)
+    section = plan.data.get("engines")
+    if not section:
+        raise InputError(f"plan {plan.budget} lists no export: run `accelkit export {out_dir} --budget {plan.budget}`")
+    listed = [(section["directory"], section["manifest"])]
+    if section.get("onnx"):
+        listed.append((section["onnx"]["directory"], section["onnx"]["manifest"]))
+    checked = []
+    for folder, manifest in listed:
+        try:
+            verify_files(plan.path / folder, manifest)
+        except OnnxExportError as error:
+            raise InputError(str(error)) from None
+        checked += [f"{folder}/{item['path']}" for item in manifest["files"]]
+    return checked
 
 
 def load_onnx(out_dir: str | Path, pipe: Any, budget: str | None = None) -> Any:
@@ -241,3 +311,20 @@ def load_onnx(out_dir: str | Path, pipe: Any, budget: str | None = None) -> Any:
         raise InputError(f"plan {plan.budget} has no ONNX export: run `accelkit export {out_dir} --budget {plan.budget}`")
     program = build_program(plan, pipe)
     return apply_onnx(pipe, program, directory, call_defaults=plan.call_defaults)
+
+
+def load_tensorrt(out_dir: str | Path, pipe: Any, budget: str | None = None) -> Any:
+    """Like :func:`load`, but the denoiser runs the plan's TensorRT engines."""
+    from accelkit.export.tensorrt import require_tensorrt
+    from accelkit.runtime.trt_runner import apply_tensorrt
+
+    require_tensorrt()
+    plan = read_plan(out_dir, budget)
+    directory = plan.path / "engines"
+    if not (directory / "manifest.json").is_file():
+        raise InputError(
+            f"plan {plan.budget} has no TensorRT engines: run `accelkit export {out_dir} --budget {plan.budget} "
+            "--target tensorrt`"
+        )
+    program = build_program(plan, pipe)
+    return apply_tensorrt(pipe, program, directory, call_defaults=plan.call_defaults)
