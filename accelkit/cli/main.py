@@ -30,6 +30,9 @@ examples:
   accelkit run out/ --budget 2x --prompt "a red circle" --output image.png
   accelkit export out/ --budget 2x                  # ONNX per graph variant, checked by onnxruntime
   accelkit run out/ --budget 2x --backend onnxruntime --prompt "a red circle"
+  accelkit distill out/ --budget 2x --iterations 200   # recover a pruned plan by distillation
+  accelkit export out/ --budget 2x --target tensorrt   # + one TensorRT engine per variant (GPU, TensorRT >= 10.9)
+  accelkit run out/ --budget 2x --backend tensorrt --device cuda --prompt "a red circle"
 
 exit codes: 0 success; 2 bad input; 3 a budget or --min-psnr floor could not be met; 130 interrupted.
 """
@@ -140,19 +143,61 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
     run.add_argument("--output", default="accelkit-run.png", help="image file (PNG); several prompts get -N suffixes")
     run.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    run.add_argument("--backend", default="pytorch", choices=["pytorch", "onnxruntime"],
-                     help="run the denoiser in PyTorch (default) or from the plan's ONNX export")
+    run.add_argument("--backend", default="pytorch", choices=["pytorch", "onnxruntime", "tensorrt"],
+                     help="run the denoiser in PyTorch (default), from the plan's ONNX export, or from its "
+                          "TensorRT engines (needs `accelkit export OUT --target tensorrt` first)")
 
     export = commands.add_parser(
-        "export", help="export a plan's graph variants (ONNX, checked with onnxruntime)",
+        "export", help="export a plan's graph variants (ONNX, checked with onnxruntime; or TensorRT engines)",
         description="Export every graph variant of OUT's plan to OUT/plans/<budget>/onnx/ (one model per "
-                    "variant, verified against PyTorch in onnxruntime) and list the files in plan.json.",
-        epilog="example:\n  accelkit export out/ --budget 2x --target onnx",
+                    "variant, verified against PyTorch in onnxruntime) and list the files in plan.json. "
+                    "--target tensorrt also builds one strongly typed engine per variant into "
+                    "OUT/plans/<budget>/engines/ (needs TensorRT >= 10.9 and an NVIDIA GPU; the tactic "
+                    "timing cache OUT/tensorrt-timing.cache is reused by later builds).",
+        epilog="examples:\n  accelkit export out/ --budget 2x --target onnx\n"
+               "  accelkit export out/ --budget 2x --target tensorrt",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     export.add_argument("out", help="the directory optimize wrote")
     export.add_argument("--budget", default=None, help="which plan (default: the only one)")
     export.add_argument("--target", default="onnx", choices=["onnx", "tensorrt"], help="export target")
     export.add_argument("--model", default=None, help="model to load (default: the one the plan names)")
+
+    distill = commands.add_parser(
+        "distill", help="recover a pruned plan's fidelity by distilling it from the original model",
+        description="Train the pruned denoiser of OUT's plan (the student, starting from its remaining weights) "
+                    "to reproduce the original denoiser (the teacher) on the teacher's own trajectories for "
+                    "the training prompts: output MSE plus LAPTOP-Diff's normalized feature loss at every "
+                    "kept block's output. The trained weights go into the plan's weights.safetensors (`accelkit "
+                    "run` and accelkit.load use them) and a 'recovery' section with PSNR before/after on "
+                    "held-out prompts into plan.json and the report. Rerunning starts again from the original "
+                    "weights. Plans that removed no blocks are refused.",
+        epilog="examples:\n"
+               "  accelkit optimize zoo:shapes --passes prune --budget 1.3x --out out/\n"
+               "  accelkit distill out/ --budget 1.3x --iterations 200\n"
+               "  accelkit distill out/ --budget 2x --device cuda --iterations 2000 --batch-size 4 "
+               "--prompts prompts.txt\n\n"
+               "exit codes: 0 recovered; 2 bad input (e.g. a plan without pruning); 130 interrupted (the "
+               "plan is left unchanged).",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    distill.add_argument("out", help="the directory optimize wrote")
+    distill.add_argument("--budget", default=None, help="which plan (default: the only one)")
+    distill.add_argument("--model", default=None, help="model to load (default: the one the plan names)")
+    distill.add_argument("--iterations", type=int, default=200, help="optimizer steps (default: 200)")
+    distill.add_argument("--lr", type=float, default=2e-5, help="AdamW learning rate, cosine-decayed (default: 2e-5)")
+    distill.add_argument("--batch-size", type=int, default=2,
+                         help="recorded denoiser calls per step, gradients accumulated (default: 2)")
+    distill.add_argument("--feature-weight", type=float, default=1.0,
+                         help="weight of the normalized feature loss against the output MSE (default: 1)")
+    distill.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    distill.add_argument("--prompts", metavar="FILE", help="training prompts, one per line (default: the model's "
+                         "calibration prompts)")
+    distill.add_argument("--num-prompts", type=int, default=8, help="training prompts used (default: 8)")
+    distill.add_argument("--eval-prompts", metavar="FILE",
+                         help="held-out prompts for PSNR before/after (default: the report's, else built-in)")
+    distill.add_argument("--num-eval-prompts", type=int, default=8, help="evaluation prompts (default: 8)")
+    distill.add_argument("--seed", type=int, default=0, help="seed of the training order (default: 0)")
+    distill.add_argument("--quiet", action="store_true", help="no progress output")
+    distill.add_argument("--json", action="store_true", help="print the recovery section as JSON on stdout")
     return parser
 
 
@@ -287,6 +332,11 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     from accelkit.search.optimize import optimize
 
     settings = _settings_from_args(args)
+    if args.export == "tensorrt":
+        from accelkit.export.tensorrt import require_tensorrt
+
+        # Before the search: a machine without TensorRT should not learn it after an hour of trials.
+        require_tensorrt()
     console = _console(quiet=args.quiet or args.json)
     result = optimize(settings, console=console, progress=not (args.quiet or args.json))
     summary = {
@@ -374,13 +424,19 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from accelkit.errors import InputError
     from accelkit.loading import load_pipeline
-    from accelkit.runtime.plan import load, load_onnx, read_plan
+    from accelkit.runtime.plan import load, load_onnx, load_tensorrt, read_plan
 
+    if args.backend == "tensorrt":
+        from accelkit.export.tensorrt import require_tensorrt
+
+        require_tensorrt()
     plan = read_plan(args.out, args.budget)
     model = args.model or plan.data["model"]["id"]
     loaded = load_pipeline(model, device=args.device)
     if args.backend == "onnxruntime":
         accelerated = load_onnx(args.out, loaded.pipe, plan.budget)
+    elif args.backend == "tensorrt":
+        accelerated = load_tensorrt(args.out, loaded.pipe, plan.budget)
     else:
         accelerated = load(args.out, loaded.pipe, plan.budget)
     output = Path(args.output)
@@ -406,14 +462,70 @@ def cmd_export(args: argparse.Namespace) -> int:
     from accelkit.loading import load_pipeline
     from accelkit.runtime.plan import export_plan, read_plan
 
+    if args.target == "tensorrt":
+        from accelkit.export.tensorrt import require_tensorrt
+
+        # Before reading the plan and loading the model: say at once that TensorRT is missing.
+        require_tensorrt()
     plan = read_plan(args.out, args.budget)
     loaded = load_pipeline(args.model or plan.data["model"]["id"])
     print(export_plan(args.out, loaded.pipe, plan.budget, target=args.target))
     return 0
 
 
+def cmd_distill(args: argparse.Namespace) -> int:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from accelkit.calibrate.distill import DistillConfig, recover_plan, removable_blocks
+    from accelkit.errors import InputError
+    from accelkit.runtime.plan import read_plan
+    from accelkit.search.optimize import _read_prompts
+
+    for flag in ("num_prompts", "num_eval_prompts"):
+        if getattr(args, flag) < 1:
+            raise InputError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    config = DistillConfig(iterations=args.iterations, lr=args.lr, batch_size=args.batch_size,
+                           feature_weight=args.feature_weight, seed=args.seed)
+    prompts = _read_prompts(args.prompts)[: args.num_prompts] if args.prompts else None
+    eval_prompts = _read_prompts(args.eval_prompts)[: args.num_eval_prompts] if args.eval_prompts else None
+    quiet = args.quiet or args.json
+    console = _console(quiet=quiet)
+    bar = Progress(TextColumn("distill"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                   TextColumn("{task.fields[losses]}"), TimeElapsedColumn(), console=console, disable=quiet)
+    task = bar.add_task("steps", total=config.iterations, losses="")
+    # A plan that cannot be distilled fails here, before the model loads and any bar is drawn.
+    removable_blocks(read_plan(args.out, args.budget))
+
+    def progress(step: int, total: int, losses: dict[str, float]) -> None:
+        if not bar.live.is_started:
+            bar.start()
+        bar.update(task, completed=step,
+                   losses=f"output {losses['output']:.3g}  feature {losses['feature']:.3g}")
+        if step == total:
+            bar.stop()
+
+    try:
+        result = recover_plan(args.out, args.budget, config, model=args.model, device=args.device,
+                              prompts=prompts, eval_prompts=eval_prompts, num_prompts=args.num_prompts,
+                              num_eval_prompts=args.num_eval_prompts, progress=progress, say=console.print)
+    except KeyboardInterrupt:
+        print("accelkit: interrupted; the plan is unchanged", file=sys.stderr)
+        return 130
+    finally:
+        bar.stop()
+    recovery = result.recovery
+    if args.json:
+        print(json.dumps(recovery, indent=2))
+    else:
+        console.print(f"plan {result.plan_dir.name}: PSNR {recovery['psnr_before']:.2f} -> {recovery['psnr_after']:.2f} dB "
+                      f"on {recovery['eval_prompts']} held-out prompts after {config.iterations} steps "
+                      f"({recovery['seconds']:.0f} s); weights in {result.plan_dir / 'weights.safetensors'}"
+                      + ("; report updated" if result.report_updated else ""))
+    return 0
+
+
 COMMANDS = {"inspect": cmd_inspect, "optimize": cmd_optimize, "search": cmd_search, "report": cmd_report,
-            "run": cmd_run, "export": cmd_export}
+            "run": cmd_run, "export": cmd_export, "distill": cmd_distill}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

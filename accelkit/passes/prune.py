@@ -16,6 +16,10 @@ blocks (LAPTOP-Diff); the set with the smallest summed loss whose FLOPs reach ``
 FLOPs is then an exact 0/1 knapsack (:func:`select_min_loss`). ``"last"`` and ``"random"`` are
 baseline criteria that remove candidates from the end / in a seeded random order until the FLOPs
 target is reached.
+
+Recovery: ``accelkit distill`` (:mod:`accelkit.calibrate.distill`) trains the pruned graph's weights
+and stores them in ``Program.new_weights`` under ``prune.<weight name>``; the pass, replaying a plan,
+gives the pruned graph those tensors (:func:`replace_weights`) instead of the original ones.
 """
 
 from __future__ import annotations
@@ -52,8 +56,10 @@ __all__ = [
     "pair_block_outputs",
     "prune",
     "record_calibration_inputs",
+    "recovered_weight_key",
     "remove_blocks",
     "removal_candidates",
+    "replace_weights",
     "score_blocks",
     "select_min_loss",
 ]
@@ -65,6 +71,8 @@ SCORES = ("output_mse", "last", "random")
 DEFAULT_SCORE_CALLS = 8
 # FLOPs are discretized to this many units of the total candidate FLOPs for the knapsack DP.
 KNAPSACK_RESOLUTION = 1000
+# Program.new_weights prefix of the tensors `accelkit distill` trained for the pruned graph.
+RECOVERED_WEIGHT_PREFIX = "prune."
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -186,6 +194,48 @@ def _block_path(node: fx.Node) -> str | None:
 
     found = _block_of_stack(node.meta.get("nn_module_stack"))
     return found[0] if found else None
+
+
+def recovered_weight_key(target: str) -> str:
+    """Key in ``Program.new_weights`` of a recovered (distilled) weight: ``prune.<get_attr target>``."""
+    return RECOVERED_WEIGHT_PREFIX + target
+
+
+def replace_weights(module: fx.GraphModule, tensors: dict[str, torch.Tensor]) -> fx.GraphModule:
+    """A copy of ``module`` whose weights named in ``tensors`` (by get_attr target) are those tensors.
+
+    The other weights stay shared with ``module``; ``module`` itself is not touched.
+
+    Raises:
+        InputError: a tensor names a weight the graph does not read, or differs in shape or dtype.
+    """
+    import copy
+
+    targets = {str(n.target) for n in module.graph.nodes if n.op == "get_attr"}
+    unknown = sorted(set(tensors) - targets)
+    if unknown:
+        raise InputError(f"recovered weights name {unknown[:3]}, which the pruned graph does not read: the plan's "
+                         "weights belong to another pruning; rerun `accelkit distill` on this plan")
+    root: dict[str, Any] = {}
+    for target in targets:
+        current = _fetch(module, target)
+        replacement = tensors.get(target)
+        if replacement is not None and (replacement.shape != current.shape or replacement.dtype != current.dtype):
+            raise InputError(f"recovered weight '{target}' is {list(replacement.shape)} {replacement.dtype}, the graph "
+                             f"reads {list(current.shape)} {current.dtype}: rerun `accelkit distill` on this plan")
+        root[target] = current if replacement is None else replacement.to(current.device)
+    graph = copy.deepcopy(module.graph)
+    copied = fx.GraphModule(root, graph, class_name=type(module).__name__)
+    copied.graph._codegen = fx.graph.CodeGen()
+    copied.recompile()
+    return copied
+
+
+def _fetch(module: torch.nn.Module, target: str) -> Any:
+    value: Any = module
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
 
 
 def block_flops(module: fx.GraphModule, blocks: BlockIndex | None = None) -> dict[str, float]:
@@ -457,6 +507,12 @@ def prune(program: Program, config: PruneConfig, calib: Any) -> PassResult:
         stats.update(removed_blocks=[], removed_flops_fraction=0.0)
         return PassResult(program, modified=False, stats=stats, resolved_config=config)
     pruned = remove_blocks(module, [by_name[n] for n in chosen])
+    recovered = {key.removeprefix(RECOVERED_WEIGHT_PREFIX): tensor for key, tensor in program.new_weights.items()
+                 if key.startswith(RECOVERED_WEIGHT_PREFIX)}
+    if recovered:
+        # A plan that `accelkit distill` recovered replays with the student's weights.
+        pruned = replace_weights(pruned, recovered)
+        stats["recovered_weights"] = len(recovered)
     before = float(sum(c.flops for c in graph_costs(module).values()))
     after = float(sum(c.flops for c in graph_costs(pruned).values()))
     stats.update(

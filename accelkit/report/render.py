@@ -375,6 +375,17 @@ def _img(src: str, alt: str) -> str:
     return f'<img src="{_e(src)}" alt="{_e(alt)}" loading="lazy">'
 
 
+def _recovery_html(recovery: dict[str, Any]) -> str:
+    """One line for a plan `accelkit distill` recovered (the fidelity table shows the plan before it)."""
+    config = recovery.get("config") or {}
+    return (
+        f"<p><b>Recovery (distillation):</b> {_fmt(config.get('iterations'))} steps at lr {_fmt(config.get('lr'))}, "
+        f"{_fmt(recovery.get('seconds'))} s on {_e(recovery.get('device', '?'))}; PSNR against the baseline on "
+        f"{_fmt(recovery.get('eval_prompts'))} held-out prompts {_fmt(recovery.get('psnr_before'))} → "
+        f"<b>{_fmt(recovery.get('psnr_after'))} dB</b>. The fidelity and images below are from before recovery.</p>"
+    )
+
+
 def _budget_html(k: int, budget: BudgetReport, rows: list[dict[str, Any]]) -> str:
     out = [f'<section id="budget-{k}"><h2>Budget {_e(budget.budget)}</h2>']
     status = '<span class="met">met</span>' if budget.met else '<span class="notmet">not met</span>'
@@ -384,6 +395,9 @@ def _budget_html(k: int, budget: BudgetReport, rows: list[dict[str, Any]]) -> st
     )
     if budget.plan_summary:
         out.append(f"<p><b>Plan:</b> {_e(budget.plan_summary)}</p>")
+    recovery = budget.extra.get("recovery")
+    if isinstance(recovery, dict):
+        out.append(_recovery_html(recovery))
     fid = budget.fidelity
     lp = _fmt(fid.lpips) if fid.lpips is not None else f"n/a ({_e(fid.lpips_reason or 'not computed')})"
     out.append("<h3>Fidelity vs baseline</h3><table>")

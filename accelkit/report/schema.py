@@ -362,7 +362,8 @@ class BudgetReport:
         baseline_images: baseline outputs, float ``(N, 3, H, W)`` in ``[0, 1]`` or a PIL list.
         accelerated_images: the plan's outputs for the same prompts and seeds.
         latency_ms: measured latency of the plan, when measured.
-        extra: further JSON keys, kept as they are (fields added by other tools survive a re-render).
+        extra: further JSON keys, kept as they are (fields added by other tools survive a re-render), e.g.
+            ``recovery``, which ``accelkit distill`` adds (the same section as in ``plan.json``).
     """
 
     budget: str

@@ -250,3 +250,42 @@ def test_run_with_empty_plans_exits_2(tmp_path, capsys):
 def test_report_without_report_json_exits_2(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "report.json" in _one_line_error(capsys.readouterr())
+
+
+# ------------------------------------------------------------------ TensorRT without TensorRT
+
+
+@pytest.fixture
+def no_tensorrt(monkeypatch):
+    """``import tensorrt`` fails, whether or not TensorRT is installed here."""
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+
+
+def test_export_tensorrt_without_tensorrt_exits_2(tmp_path, capsys, no_tensorrt, no_model_load):
+    # Checked before the plan is read or the model loaded: the message names the fix, not the plan.
+    assert main(["export", str(tmp_path), "--target", "tensorrt"]) == 2
+    line = _one_line_error(capsys.readouterr())
+    assert "TensorRT is not installed" in line and "accelkit[tensorrt]" in line and "NVIDIA GPU" in line
+
+
+def test_run_tensorrt_backend_without_tensorrt_exits_2(tmp_path, capsys, no_tensorrt, no_model_load):
+    rc = main(["run", str(tmp_path), "--backend", "tensorrt", "--prompt", "a red circle",
+               "--output", str(tmp_path / "x.png")])
+    assert rc == 2
+    assert "accelkit[tensorrt]" in _one_line_error(capsys.readouterr())
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_optimize_export_tensorrt_without_tensorrt_exits_2_before_searching(tmp_path, capsys, no_tensorrt,
+                                                                           no_model_load):
+    assert main(["optimize", "--export", "tensorrt", "--out", str(tmp_path / "out")]) == 2
+    assert "accelkit[tensorrt]" in _one_line_error(capsys.readouterr())
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_help_mentions_the_tensorrt_target(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["export", "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--target tensorrt" in out and "timing cache" in out
