@@ -14,7 +14,14 @@ temporary sibling and renamed into place, so readers see the old export or the w
 
 Custom ops of the ``accelkit::`` namespace (quantized matmuls, sparse attention ...) need an ONNX
 lowering registered with :func:`register_onnx_lowering`; a graph holding one without a lowering is
-refused before anything is traced.
+refused before anything is traced. The built-in ones (:mod:`accelkit.export.lowerings`) are registered
+when an export runs.
+
+Dynamic batch: a static capture writes the batch size into view/reshape/expand arguments, so the
+variant is first rewritten to read it from a batch input (:func:`_symbolic_batch`), exported with a
+dynamic ``batch`` dim, and checked in onnxruntime at batch 1 and batch + 1 against the matching rows of
+the captured batch's PyTorch output. Where any of that fails the model is exported static and the
+manifest records why (``dynamic_batch_note``).
 """
 
 from __future__ import annotations
@@ -51,6 +58,7 @@ EXTERNAL_DATA_BYTES = 1 << 30
 CUSTOM_NAMESPACE = "accelkit"
 
 logger = logging.getLogger(__name__)
+aten = torch.ops.aten
 
 __all__ = [
     "MANIFEST_NAME",
@@ -58,6 +66,7 @@ __all__ = [
     "export_program_onnx",
     "example_inputs",
     "onnx_lowerings",
+    "onnxruntime_session_options",
     "read_manifest",
     "register_onnx_lowering",
     "sanitize_name",
@@ -73,13 +82,17 @@ class OnnxExportError(AccelkitError):
 # ---------------------------------------------------------------- custom-op lowerings
 
 _LOWERINGS: dict[str, Callable[..., Any]] = {}
+# Per op: node -> the reason it cannot be lowered (None when it can), asked before any tracing.
+_REFUSALS: dict[str, Callable[[fx.Node], str | None]] = {}
 
 
 def _qualified(op_name: str) -> str:
     return op_name if "::" in op_name else f"{CUSTOM_NAMESPACE}::{op_name}"
 
 
-def register_onnx_lowering(op_name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+def register_onnx_lowering(
+    op_name: str, fn: Callable[..., Any], *, refuse: Callable[[fx.Node], str | None] | None = None
+) -> Callable[..., Any]:
     """Register the ONNX lowering of a custom op.
 
     Args:
@@ -87,11 +100,17 @@ def register_onnx_lowering(op_name: str, fn: Callable[..., Any]) -> Callable[...
             named ``"accelkit::<op>.<overload>"``, the plain name covers the default overload.
         fn: an onnxscript function with the op's signature, as ``torch.onnx.export``'s
             ``custom_translation_table`` takes it.
+        refuse: optional ``node -> reason or None``: graph nodes of the op this lowering cannot handle
+            (an argument value it has no ONNX form for), refused before anything is traced.
 
     Returns:
         ``fn`` (so it can be used as a decorator via ``functools.partial``).
     """
     _LOWERINGS[_qualified(op_name)] = fn
+    if refuse is not None:
+        _REFUSALS[_qualified(op_name)] = refuse
+    else:
+        _REFUSALS.pop(_qualified(op_name), None)
     return fn
 
 
@@ -121,11 +140,16 @@ def _translation_table(module: fx.GraphModule) -> dict[Any, Callable[..., Any]]:
         name = _custom_op_name(node.target)
         if name is None:
             continue
-        fn = _LOWERINGS.get(name) or _LOWERINGS.get(name.split(".")[0])
+        base = name if name in _LOWERINGS else name.split(".")[0]
+        fn = _LOWERINGS.get(base)
         if fn is None:
             if name not in missing:
                 missing.append(name)
             continue
+        refuse = _REFUSALS.get(base)
+        reason = refuse(node) if refuse is not None else None
+        if reason:
+            raise OnnxExportError(reason)
         table[node.target] = fn
     if missing:
         raise OnnxExportError(
@@ -255,10 +279,72 @@ def _prepare_module(module: fx.GraphModule) -> fx.GraphModule:
 # ---------------------------------------------------------------- export of one variant
 
 
-def _batch_dynamic_shapes(args: tuple[torch.Tensor, ...], batch: int) -> tuple[Any, ...]:
-    """dim 0 marked dynamic for every tensor whose leading dimension is the batch (0-d scalars never)."""
+def _carries_batch(args: tuple[torch.Tensor, ...], batch: int) -> list[bool]:
+    """Which arguments carry the batch: dim 0 equal to the captured batch (0-d scalars never)."""
+    return [value.dim() >= 1 and int(value.shape[0]) == batch for value in args]
+
+
+def _batch_dynamic_shapes(carries: list[bool]) -> tuple[Any, ...]:
+    """dim 0 marked dynamic for every argument that carries the batch."""
     dim = torch.export.Dim("batch", min=1, max=4096)
-    return tuple({0: dim} if value.dim() >= 1 and int(value.shape[0]) == batch else None for value in args)
+    return tuple({0: dim} if flag else None for flag in carries)
+
+
+_BATCH_VIEW_OPS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+_BATCH_BROADCAST_OPS = (aten.expand.default,)
+
+
+def _symbolic_batch(module: fx.GraphModule, carries: list[bool], batch: int) -> tuple[fx.GraphModule, int]:
+    """A clone of ``module`` whose literal batch sizes read the batch input's size; returns (clone, count).
+
+    A static capture writes ``x.shape[0]`` as the number it was (2 under CFG), so ``view(x, [2, ...])``
+    pins a batch marked dynamic back to 2. The batch is dim 0 of the activations in every captured
+    family, so the literal in position 0 of a view/reshape of a tensor computed from a batch input, or
+    of an expand to the batch, becomes ``sym_size(batch input, 0)``; ``repeat_interleave`` loses its
+    ``output_size`` hint (batch x repeats). A wrong guess does not go unnoticed:
+    torch.export then specializes the batch (static fallback) or the cross-batch check disagrees.
+    """
+    clone = clone_graph_module(module)
+    graph = clone.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    sources = [node for node, flag in zip(placeholders, carries, strict=False) if flag]
+    if not sources:
+        return clone, 0
+    derived: set[fx.Node] = set(sources)
+    size: fx.Node | None = None
+    replaced = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        if any(n in derived for n in node.all_input_nodes):
+            derived.add(node)
+            if node.target is aten.repeat_interleave.self_int and "output_size" in node.kwargs:
+                # output_size (batch x repeats, as a literal) is only a hint; PixArt's mask sets it.
+                node.kwargs = {k: v for k, v in node.kwargs.items() if k != "output_size"}
+                replaced += 1
+        if node.target not in _BATCH_VIEW_OPS + _BATCH_BROADCAST_OPS or len(node.args) < 2:
+            continue
+        source, shape = node.args[0], node.args[1]
+        if not isinstance(shape, list | tuple) or not shape or type(shape[0]) is not int or shape[0] != batch:
+            continue
+        value = node.meta.get("val")
+        if not isinstance(value, torch.Tensor) or value.dim() == 0 or value.shape[0] != batch:
+            continue
+        if node.target in _BATCH_VIEW_OPS and source not in derived:
+            continue  # a weight reshaped to a size that happens to equal the batch
+        if size is None:
+            with graph.inserting_after(placeholders[-1]):
+                size = graph.call_function(aten.sym_size.int, (sources[0], 0))
+        node.args = (source, [size, *shape[1:]], *node.args[2:])
+        replaced += 1
+    if replaced:
+        graph.lint()
+        clone.recompile()
+    return clone, replaced
+
+
+class _DynamicBatchFailed(Exception):
+    """The dynamic-batch attempt failed; the message says why (the static export follows)."""
 
 
 def _first_line(error: BaseException) -> str:
@@ -271,6 +357,27 @@ def _first_line(error: BaseException) -> str:
     return head[:400]
 
 
+def _find_cause(error: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """The first ``kind`` in ``error``'s cause/context chain (the exporter wraps a lowering's own error)."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, kind):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _optimize(model: Any) -> None:
+    """onnxscript's optimizer as ``torch.onnx.export(optimize=True)`` runs it, keeping local functions."""
+    import onnxscript.optimizer
+    import onnxscript.rewriter.onnx_fusions
+
+    onnxscript.optimizer.optimize_ir(model, inline=False)
+    onnxscript.rewriter.onnx_fusions.fuse(model)
+
+
 @contextlib.contextmanager
 def _quiet():
     """Silence the exporter's progress prints and routine warnings (errors still raise)."""
@@ -280,33 +387,69 @@ def _quiet():
             yield
 
 
-def _export_exported_program(
-    module: fx.GraphModule, args: tuple[torch.Tensor, ...], dynamic: bool, batch: int
-) -> tuple[torch.export.ExportedProgram, bool, str | None]:
-    """``torch.export`` the variant, dynamic in the batch when asked and possible.
+def _torch_export(
+    module: fx.GraphModule, args: tuple[torch.Tensor, ...], dynamic_shapes: tuple[Any, ...] | None
+) -> torch.export.ExportedProgram:
+    """``torch.export`` the variant (a specialized dynamic dim raises here; torch.onnx.export would
+    silently turn it into a constant)."""
+    with _quiet(), torch.no_grad():
+        return torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=False)
 
-    torch.onnx.export refines dynamic dims it cannot keep into constants silently, so the dynamic
-    attempt is made here, where a specialization raises and the fallback can be recorded.
-    """
-    reason = None
-    if dynamic:
-        try:
-            with _quiet(), torch.no_grad():
-                exported = torch.export.export(
-                    module, args, dynamic_shapes=_batch_dynamic_shapes(args, batch), strict=False
-                )
-            return exported, True, None
-        except Exception as error:  # noqa: BLE001 - any failure means: fall back to a static batch
-            reason = "dynamic batch export failed, exported with the captured batch instead: " + _first_line(
-                error
+
+def _uses_fp8_activations(module: fx.GraphModule) -> bool:
+    return any(
+        _custom_op_name(n.target) == "accelkit::svdq_linear" and len(n.args) > 8 and n.args[8] == "w4a8"
+        for n in module.graph.nodes
+        if n.op == "call_function"
+    )
+
+
+def _tolerance(expected: torch.Tensor, fp8_activations: bool) -> float:
+    if not expected.dtype.is_floating_point:
+        return 0.0
+    if fp8_activations or expected.dtype not in (torch.float32, torch.float64):
+        # FP8 rounding is a step function: float32 noise upstream (another summation order) moves a
+        # few activations across a rounding boundary, one FP8 step each.
+        return LOW_PRECISION_TOLERANCE
+    return FP32_TOLERANCE
+
+
+def _compare(
+    path: Path,
+    session: Any,
+    input_names: list[str],
+    output_names: list[str],
+    args: tuple[torch.Tensor, ...],
+    expected: tuple[torch.Tensor, ...],
+    fp8_activations: bool,
+    what: str,
+) -> dict[str, float]:
+    """Run ``session`` on ``args``; relative error per output, raise past the tolerance."""
+    feeds = {n: to_numpy(a) for n, a in zip(input_names, args, strict=True)}
+    outputs = session.run(output_names, feeds)
+    errors: dict[str, float] = {}
+    bad = {}
+    for out_name, actual, want in zip(output_names, outputs, expected, strict=True):
+        want_np = to_numpy(want)
+        if tuple(actual.shape) != tuple(want_np.shape):
+            raise OnnxExportError(
+                f"{path.name}: output {out_name} has shape {list(actual.shape)} in onnxruntime, "
+                f"{list(want_np.shape)} in PyTorch{what}"
             )
-            logger.warning("ONNX export: %s", reason)
-    try:
-        with _quiet(), torch.no_grad():
-            exported = torch.export.export(module, args, strict=False)
-    except Exception as error:  # noqa: BLE001
-        raise OnnxExportError(f"torch.export of the graph variant failed: {_first_line(error)}") from error
-    return exported, False, reason
+        errors[out_name] = _rel_error(actual, want_np)
+        tolerance = _tolerance(want, fp8_activations)
+        if not errors[out_name] <= tolerance:
+            bad[out_name] = (errors[out_name], tolerance)
+    if bad:
+        detail = ", ".join(f"{k}: {v:.3g} > {t:g}" for k, (v, t) in bad.items())
+        raise OnnxExportError(
+            f"{path.name} disagrees with PyTorch in onnxruntime{what} (relative error {detail})"
+        )
+    return errors
+
+
+def _rows(value: torch.Tensor, rows: list[int], batch: int) -> torch.Tensor:
+    return value[rows] if value.dim() >= 1 and int(value.shape[0]) == batch else value
 
 
 def _weights_bytes(module: torch.nn.Module) -> int:
@@ -330,6 +473,20 @@ def to_numpy(value: torch.Tensor) -> np.ndarray:
             "bfloat16 tensors cannot be fed to onnxruntime through numpy; use float16/float32"
         )
     return value.detach().cpu().contiguous().numpy()
+
+
+def onnxruntime_session_options() -> Any:
+    """``onnxruntime.SessionOptions`` that run an exported model as written.
+
+    onnxruntime fuses an INT4 ``DequantizeLinear`` + ``MatMul`` into ``MatMulNBits``, which by default
+    (accuracy level 4) quantizes the activations to int8 on the fly: about 1% relative error per
+    W4A16 layer that the model does not contain. Level 1 keeps the fused matmul in float32.
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
+    return options
 
 
 def _io_entry(name: str, role: str, value: torch.Tensor, dynamic: bool, source: str | None = None) -> dict:
@@ -370,6 +527,8 @@ def _export_variant(
     import onnx
     import onnxruntime as ort
 
+    from accelkit.export.lowerings import finalize_model
+
     graph = program.graph
     num_user = graph.num_user_outputs
     module = _prepare_module(variant.module)
@@ -406,71 +565,97 @@ def _export_variant(
         output_names.append(candidate)
 
     batch = int(user_args[0].shape[0]) if user_args and user_args[0].dim() >= 1 else 1
-    started = time.perf_counter()
-    exported, dynamic, fallback_reason = _export_exported_program(module, args, dynamic_batch, batch)
-    try:
-        with _quiet():
-            onnx_program = torch.onnx.export(
-                exported,
-                args,
-                dynamo=True,
-                input_names=input_names,
-                output_names=output_names,
-                opset_version=opset,
-                custom_translation_table=table or None,
-                optimize=optimize,
-                verbose=False,
-            )
-    except Exception as error:  # noqa: BLE001
-        raise OnnxExportError(f"ONNX conversion of variant '{name}' failed: {_first_line(error)}") from error
+    carries = _carries_batch(args, batch)
+    fp8_activations = _uses_fp8_activations(module)
     path = directory / f"{name}.onnx"
     external = _weights_bytes(variant.module) > EXTERNAL_DATA_BYTES
-    with _quiet():
-        onnx_program.save(str(path), external_data=external)
-    export_seconds = time.perf_counter() - started
 
-    # The path form of the checker handles models with external data beyond 2 GiB.
-    try:
-        onnx.checker.check_model(str(path))
-    except Exception as error:  # noqa: BLE001
-        raise OnnxExportError(f"{path.name} fails the ONNX checker: {_first_line(error)}") from error
+    def to_onnx(exported: torch.export.ExportedProgram) -> dict[str, Any]:
+        """Convert, finish the lowerings, optimize, save and check ``path``; the lowering stats."""
+        try:
+            with _quiet():
+                onnx_program = torch.onnx.export(
+                    exported,
+                    args,
+                    dynamo=True,
+                    input_names=input_names,
+                    output_names=output_names,
+                    opset_version=opset,
+                    custom_translation_table=table or None,
+                    # Optimized below, after the lowerings' constants are in place and without
+                    # inlining the accelkit local functions (a TensorRT build swaps them for plugins).
+                    optimize=False,
+                    verbose=False,
+                )
+        except Exception as error:  # noqa: BLE001
+            lowering_error = _find_cause(error, OnnxExportError)
+            if lowering_error is not None:
+                raise lowering_error from error
+            raise OnnxExportError(
+                f"ONNX conversion of variant '{name}' failed: {_first_line(error)}"
+            ) from error
+        lowered = finalize_model(onnx_program.model)
+        if optimize:
+            _optimize(onnx_program.model)
+        with _quiet():
+            onnx_program.save(str(path), external_data=external)
+        # The path form of the checker handles models with external data beyond 2 GiB.
+        try:
+            onnx.checker.check_model(str(path))
+        except Exception as error:  # noqa: BLE001
+            raise OnnxExportError(f"{path.name} fails the ONNX checker: {_first_line(error)}") from error
+        return lowered
+
+    def session() -> Any:
+        return ort.InferenceSession(
+            str(path), sess_options=onnxruntime_session_options(), providers=["CPUExecutionProvider"]
+        )
+
+    started = time.perf_counter()
+    dynamic, fallback_reason, lowered = False, None, None
+    if dynamic_batch and any(carries):
+        try:
+            dynamic_module, _ = _symbolic_batch(module, carries, batch)
+            try:
+                exported = _torch_export(dynamic_module, args, _batch_dynamic_shapes(carries))
+            except Exception as error:  # noqa: BLE001 - any failure means: fall back to a static batch
+                raise _DynamicBatchFailed(f"dynamic batch export failed: {_first_line(error)}") from error
+            lowered = to_onnx(exported)
+            if graph.input_names and not _onnx_dim_is_symbolic(path, graph.input_names[0]):
+                raise _DynamicBatchFailed("the exporter kept the batch dimension static")
+            if verify:
+                # Denoiser rows are independent: batch 1 and batch + 1 (row 0 repeated) must give the
+                # matching rows of the captured batch's output; a misplaced batch size would not.
+                model_session = session()
+                for rows in ([0], [*range(batch), 0]):
+                    try:
+                        _compare(
+                            path, model_session, input_names, output_names,
+                            tuple(_rows(a, rows, batch) for a in args),
+                            tuple(_rows(r, rows, batch) for r in reference),
+                            fp8_activations, f" at batch {len(rows)}",
+                        )  # fmt: skip
+                    except OnnxExportError as error:
+                        raise _DynamicBatchFailed(str(error)) from error
+            dynamic = True
+        except _DynamicBatchFailed as failure:
+            fallback_reason = f"{failure}; exported with the captured batch {batch} instead"
+            logger.warning("ONNX export of variant '%s': %s", name, fallback_reason)
+    if not dynamic:
+        try:
+            exported = _torch_export(module, args, None)
+        except Exception as error:  # noqa: BLE001
+            raise OnnxExportError(
+                f"torch.export of the graph variant failed: {_first_line(error)}"
+            ) from error
+        lowered = to_onnx(exported)
+    export_seconds = time.perf_counter() - started
     model = onnx.load(str(path), load_external_data=False)
     actual_opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), opset)
 
-    if dynamic and graph.input_names:
-        dynamic = _onnx_dim_is_symbolic(path, graph.input_names[0])
-        if not dynamic and fallback_reason is None:
-            fallback_reason = "the exporter kept the batch dimension static"
-
     errors: dict[str, float] = {}
     if verify:
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        feeds = {n: to_numpy(a) for n, a in zip(input_names, args, strict=True)}
-        outputs = session.run(output_names, feeds)
-        for out_name, actual, expected in zip(output_names, outputs, reference, strict=True):
-            expected_np = to_numpy(expected)
-            if tuple(actual.shape) != tuple(expected_np.shape):
-                raise OnnxExportError(
-                    f"{path.name}: output {out_name} has shape {list(actual.shape)} in onnxruntime, "
-                    f"{list(expected_np.shape)} in PyTorch"
-                )
-            errors[out_name] = _rel_error(actual, expected_np)
-        bad = {}
-        for out_name, expected in zip(output_names, reference, strict=True):
-            tolerance = (
-                FP32_TOLERANCE
-                if expected.dtype in (torch.float32, torch.float64)
-                else LOW_PRECISION_TOLERANCE
-            )
-            if not expected.dtype.is_floating_point:
-                tolerance = 0.0
-            if not errors[out_name] <= tolerance:
-                bad[out_name] = (errors[out_name], tolerance)
-        if bad:
-            detail = ", ".join(f"{k}: {v:.3g} > {t:g}" for k, (v, t) in bad.items())
-            raise OnnxExportError(
-                f"{path.name} disagrees with PyTorch in onnxruntime (relative error {detail})"
-            )
+        errors = _compare(path, session(), input_names, output_names, args, reference, fp8_activations, "")
 
     inputs = [
         _io_entry(n, "user", a, dynamic and a.dim() >= 1 and int(a.shape[0]) == batch)
@@ -506,11 +691,15 @@ def _export_variant(
         "dynamic_batch": bool(dynamic),
         "dynamic_batch_note": fallback_reason,
         "optimized": bool(optimize),
+        "int4_weights": lowered["int4_weights"],
+        "sparse_attention_calls": lowered["sparse_attention_calls"],
         "external_data": bool(external),
         "verification": {
             "provider": "CPUExecutionProvider",
             "relative_error": errors,
             "max_relative_error": max(errors.values(), default=0.0),
+            "tolerance": max((_tolerance(r, fp8_activations) for r in reference), default=0.0),
+            "checked_batches": sorted({batch, 1, batch + 1}) if dynamic else [batch],
         }
         if verify
         else None,
@@ -585,14 +774,15 @@ def export_program_onnx(
         program: the program to export (not mutated).
         directory: the output folder; replaced atomically (a failure leaves an old export intact).
         opset: the ONNX opset requested from the exporter.
-        dynamic_batch: try to make dim 0 of batch-carrying inputs dynamic; where the graph pins the
-            batch (a capture bakes it into view sizes), the model is exported static and the
-            manifest says so (``dynamic_batch: false`` with ``dynamic_batch_note``).
+        dynamic_batch: make dim 0 of batch-carrying inputs dynamic (checked at batch 1 and batch + 1
+            when ``verify``); where that fails, the model is exported static and the manifest says
+            so (``dynamic_batch: false`` with ``dynamic_batch_note``).
         inputs: example user inputs by name (default: random tensors from ``program.graph.input_specs``
             with valid integer values, see :func:`example_inputs`).
         variants: the variants to export (default: all).
         verify: run each model in onnxruntime (CPU) and compare with PyTorch; the relative error
-            ``||ort - torch|| / ||torch||`` of every float32 output must stay below 1e-4.
+            ``||ort - torch|| / ||torch||`` of every float32 output must stay below 1e-4 (1e-2 for
+            16-bit outputs and for graphs with FP8 activation quantization).
         optimize: run onnxscript's graph optimizer (constant folding, fusions) on each model; about
             half the export time on small models.
 
@@ -619,6 +809,9 @@ def export_program_onnx(
     if unknown:
         raise OnnxExportError(f"program has no variant(s) {unknown}; it has {sorted(program.variants)}")
     # Refuse unknown custom ops up front, before any (slow) tracing.
+    from accelkit.export.lowerings import register_builtin_lowerings
+
+    register_builtin_lowerings()
     for name in selected:
         _translation_table(program.variants[name].module)
 

@@ -302,7 +302,9 @@ class OrtProgramRunner(ScheduleReplayRunner):
             used to rebuild the denoiser's output structure), a :class:`ProgramMeta`, or None to run
             from the manifest alone (outputs are then returned as a tuple).
         providers: onnxruntime execution providers (default: CPU).
-        session_options: an ``onnxruntime.SessionOptions``.
+        session_options: an ``onnxruntime.SessionOptions``; by default
+            :func:`accelkit.export.onnx.onnxruntime_session_options` (4-bit matmuls with float
+            activations, as the export was verified).
         check_files: verify every file's sha256 against the manifest before the first session.
     """
 
@@ -315,14 +317,14 @@ class OrtProgramRunner(ScheduleReplayRunner):
         session_options: Any = None,
         check_files: bool = True,
     ) -> None:
-        from accelkit.export.onnx import read_manifest, verify_files
+        from accelkit.export.onnx import onnxruntime_session_options, read_manifest, verify_files
 
         manifest = read_manifest(directory)
         if check_files:
             verify_files(directory, manifest)
         super().__init__(directory, manifest, program_meta)
         self.providers = list(providers) if providers is not None else ["CPUExecutionProvider"]
-        self.session_options = session_options
+        self.session_options = session_options if session_options is not None else onnxruntime_session_options()
         self._sessions: dict[str, Any] = {}
 
     def session(self, name: str) -> Any:

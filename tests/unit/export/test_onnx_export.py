@@ -24,7 +24,12 @@ from accelkit.passes.base import GraphVariant, Program, run_passes
 from accelkit.passes.cache import CacheConfig
 from accelkit.runtime.executor import ProgramExecutor
 from accelkit.runtime.ort_runner import OrtProgramRunner, apply_onnx
-from tests.fixtures.tiny_models import pipeline_call_kwargs, tiny_denoiser, tiny_pipeline
+from tests.fixtures.tiny_models import (
+    pipeline_call_kwargs,
+    tiny_denoiser,
+    tiny_denoiser_inputs,
+    tiny_pipeline,
+)
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -86,15 +91,24 @@ def test_full_variant_exports_checks_and_matches(family, tmp_path, monkeypatch):
     assert str(program.variants["full"].module.graph) == before
 
     if family == "dit":
-        # Captured graphs bake the batch into view sizes, so the exporter may fall back to a static
-        # batch; the manifest must say which one the file holds.
+        # The capture bakes the batch into view sizes; the export reads it from the input again, so one
+        # model serves the CFG batch and a single prompt alike.
         model = onnx.load(str(out / "full.onnx"))
         first = model.graph.input[0].type.tensor_type.shape.dim[0]
-        assert manifest["dynamic_batch_requested"] is True
-        assert entry["dynamic_batch"] == first.HasField("dim_param")
-        if not entry["dynamic_batch"]:
-            assert "dynamic batch" in entry["dynamic_batch_note"]
-            assert entry["inputs"][0]["shape"][0] == graph.input_specs[0].shape[0]
+        assert manifest["dynamic_batch_requested"] is True and manifest["dynamic_batch"] is True
+        assert entry["dynamic_batch"] is True and first.HasField("dim_param")
+        assert entry["dynamic_batch_note"] is None and entry["inputs"][0]["shape"][0] == "batch"
+        assert entry["verification"]["checked_batches"] == [1, 2, 3]
+        denoiser, _, _ = _captured(family)
+        session = ort.InferenceSession(str(out / "full.onnx"), providers=["CPUExecutionProvider"])
+        for batch in (1, 2, 3):
+            batch_kwargs = tiny_denoiser_inputs(family, batch=batch, seed=batch)
+            feeds = {name: batch_kwargs[name].numpy() for name in graph.input_names}
+            (actual,) = session.run(["out0"], feeds)
+            with torch.no_grad():
+                expected = denoiser(**batch_kwargs)[0]
+            assert actual.shape == tuple(expected.shape) and actual.shape[0] == batch
+            assert _rel(actual, expected.numpy()) < TOLERANCE, batch
         # A model that disagrees with PyTorch is refused, and the earlier export stays in place whole.
         before_files = {p.name: p.read_bytes() for p in out.iterdir()}
         monkeypatch.setattr(onnx_export, "FP32_TOLERANCE", 0.0)
