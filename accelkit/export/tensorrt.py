@@ -48,14 +48,9 @@ BLOCK_SPARSE_PLUGIN_ID = f"{BLOCK_SPARSE_PLUGIN_NAMESPACE}::{BLOCK_SPARSE_PLUGIN
 DEFAULT_BLOCK_SPARSE_FUNCTION = ("accelkit", "BlockSparseAttention")
 DEFAULT_INT4_WEIGHT_FUNCTION = ("accelkit.export", "Int4BlockWeight")
 
-# Why engines with block-sparse attention are refused for now (one line, with what to do instead).
-BLOCK_SPARSE_AOT_MISSING = (
-    "block-sparse attention has no TensorRT kernel yet: its Triton kernel "
-    "(accelkit/kernels/block_sparse_attention/_triton_kernel.py) takes the output pointer before the "
-    "mask tensors and a float scale at run time, while a TensorRT AOT plugin launches "
-    "(inputs, int32 extras, outputs); a launch wrapper in that convention is missing. Build engines "
-    "for a plan made without the sparse pass, or run this one with --backend onnxruntime"
-)
+# The plugin's kernel is accelkit's Triton kernel, compiled to PTX while the engine is built
+# (accelkit/export/tensorrt_plugins.py): without triton there is nothing to embed.
+BLOCK_SPARSE_NEEDS_TRITON = "building engines for a sparse plan needs triton (pip install accelkit[gpu])"
 
 # FP8 tensor cores: Ada (8.9) and Hopper (9.0) onwards.
 FP8_MIN_COMPUTE_CAPABILITY = (8, 9)
@@ -65,6 +60,7 @@ REFIT_MODES = ("none", "refit", "refit_identical")
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "BLOCK_SPARSE_NEEDS_TRITON",
     "BLOCK_SPARSE_PLUGIN_ID",
     "ENGINE_MANIFEST_NAME",
     "INSTALL_HINT",
@@ -74,6 +70,7 @@ __all__ = [
     "TensorRTUnavailableError",
     "block_sparse_attention_output_shape",
     "build_engines",
+    "check_plugin_node",
     "optimization_profile",
     "onnx_precision",
     "plan_precision",
@@ -397,6 +394,23 @@ def block_sparse_function_id() -> tuple[str, str]:
     return _lowering_constant("BLOCK_SPARSE_ATTENTION_FUNCTION", DEFAULT_BLOCK_SPARSE_FUNCTION)
 
 
+def check_plugin_node(node: Any) -> None:
+    """Refuse a block-sparse attention plugin node whose block sizes the Triton kernel cannot tile.
+
+    The same check runs again inside the plugin's AOT implementation; here it fails before TensorRT
+    is touched, with the node named.
+    """
+    import onnx
+
+    attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    block_q, block_k = attributes.get("block_q"), attributes.get("block_k")
+    if not all(isinstance(b, int) and b > 0 and b % 16 == 0 for b in (block_q, block_k)):
+        raise TensorRTExportError(
+            f"block-sparse attention node '{node.name or node.output[0]}' has block_q={block_q}, "
+            f"block_k={block_k}: the TensorRT plugin's Triton kernel needs positive multiples of 16"
+        )
+
+
 def block_sparse_attention_output_shape(q_shape: Sequence[Any], v_shape: Sequence[Any]) -> tuple[Any, ...]:
     """Output shape of block-sparse attention: ``(B, H, Lq, Dv)`` from q ``(B, H, Lq, D)`` and v ``(B, H, Lk, Dv)``.
 
@@ -445,11 +459,13 @@ _PLUGINS_REGISTERED = False
 
 
 def register_tensorrt_plugins() -> None:
-    """Register accelkit's plugin descriptors with TensorRT (once per process).
+    """Register accelkit's plugins with TensorRT (once per process).
 
-    Only the descriptor (inputs, attributes, output shape) is registered: the AOT implementation is
-    missing (see ``BLOCK_SPARSE_AOT_MISSING``), and :func:`build_engines` refuses a model that calls
-    the plugin before any TensorRT work starts.
+    ``accelkit::block_sparse_attention``: the descriptor (inputs, attributes, output shape) and, when
+    triton imports, the ahead-of-time implementation
+    (:func:`accelkit.export.tensorrt_plugins.register_block_sparse_aot_impl`), which compiles the
+    Triton kernel for the build GPU; :func:`build_engines` refuses sparse models without triton
+    before any TensorRT work starts.
     """
     global _PLUGINS_REGISTERED
     if _PLUGINS_REGISTERED:
@@ -471,6 +487,12 @@ def register_tensorrt_plugins() -> None:
         "return": trtp.TensorDesc,
     }
     trtp.register(BLOCK_SPARSE_PLUGIN_ID)(block_sparse_attention_desc)
+    from accelkit.kernels._backend import triton_importable
+
+    if triton_importable():
+        from accelkit.export.tensorrt_plugins import register_block_sparse_aot_impl
+
+        register_block_sparse_aot_impl(trtp, BLOCK_SPARSE_PLUGIN_ID)
     _PLUGINS_REGISTERED = True
 
 
@@ -517,16 +539,26 @@ class TensorRTToolchain:
         profile: Mapping[str, Mapping[str, Sequence[int]]],
         config: TensorRTBuildConfig,
         timing_cache: bytes | None,
+        *,
+        model: bytes | None = None,
     ) -> EngineBuild:
-        """Parse ``onnx_path`` into a strongly typed network and build one engine with ``profile``."""
+        """Parse ``onnx_path`` into a strongly typed network and build one engine with ``profile``.
+
+        ``model``: the serialized ONNX to parse instead of the file's content (the copy whose
+        block-sparse attention calls are plugin nodes); external data still resolve next to ``onnx_path``.
+        """
         trt = self.trt
         register_tensorrt_plugins()
         builder = trt.Builder(self.logger)
         flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
         network = builder.create_network(flags)
         parser = trt.OnnxParser(network, self.logger)
-        # parse_from_file resolves external data next to the model (weights beyond 2 GiB).
-        if not parser.parse_from_file(str(onnx_path)):
+        # Both resolve external data next to onnx_path (weights beyond 2 GiB).
+        if model is not None:
+            parsed = parser.parse(model, str(onnx_path))
+        else:
+            parsed = parser.parse_from_file(str(onnx_path))
+        if not parsed:
             errors = []
             for index in range(parser.num_errors):
                 error = parser.get_error(index)
@@ -603,8 +635,9 @@ def build_engines(
 
     Raises:
         TensorRTUnavailableError: TensorRT is missing or too old.
-        TensorRTExportError: a model calls block-sparse attention (no plugin kernel yet), lacks the
-            FP8 the plan promises, or the parser/builder refused it.
+        TensorRTExportError: a model calls block-sparse attention and triton is missing (its plugin
+            kernel is compiled at build time) or the block sizes do not tile, a model lacks the FP8
+            the plan promises, or the parser/builder refused it.
     """
     import onnx
 
@@ -627,26 +660,36 @@ def build_engines(
     for entry in entries:
         path = onnx_dir / entry["file"]
         model = onnx.load(str(path), load_external_data=False)
-        _, plugin_calls = rewrite_plugin_calls(model)
+        rewritten, plugin_calls = rewrite_plugin_calls(model)
+        parse_model = None
         if plugin_calls:
-            raise TensorRTExportError(f"{entry['file']}: {BLOCK_SPARSE_AOT_MISSING}")
+            from accelkit.kernels._backend import triton_importable
+
+            if not triton_importable():
+                raise TensorRTExportError(f"{entry['file']}: {BLOCK_SPARSE_NEEDS_TRITON}")
+            for node in rewritten.graph.node:
+                if node.op_type == BLOCK_SPARSE_PLUGIN_NAME:
+                    check_plugin_node(node)
+            parse_model = rewritten.SerializeToString()
         precision = onnx_precision(model)
         names = weight_names if weight_names is not None else [i.name for i in model.graph.initializer]
-        prepared.append((entry, path, precision, refit_weight_map(model, names)))
+        prepared.append((entry, path, precision, refit_weight_map(model, names), parse_model, plugin_calls))
 
     toolchain = toolchain if toolchain is not None else TensorRTToolchain()
     environment = toolchain.environment()
-    for entry, _, precision, _ in prepared:
+    for entry, _, precision, *_ in prepared:
         check_precision(entry["file"], precision, promised, environment.get("compute_capability"))
 
     cache_path = Path(timing_cache) if timing_cache is not None else None
     cache_bytes = cache_path.read_bytes() if cache_path is not None and cache_path.is_file() else None
     models = []
     with atomic_directory(engines_dir) as tmp:
-        for entry, path, precision, weight_map in prepared:
+        for entry, path, precision, weight_map, parse_model, plugin_calls in prepared:
             profile = optimization_profile(entry, program_meta, config)
             started = time.perf_counter()
-            built = toolchain.build(path, profile, config, cache_bytes)
+            # Only models with plugin nodes pass a rewritten copy; the rest parse the file as written.
+            extra = {"model": parse_model} if parse_model is not None else {}
+            built = toolchain.build(path, profile, config, cache_bytes, **extra)
             seconds = time.perf_counter() - started
             if cache_path is not None and built.timing_cache:
                 cache_bytes = built.timing_cache
@@ -662,6 +705,7 @@ def build_engines(
                     "outputs": list(entry["outputs"]),
                     "dynamic_batch": bool(entry.get("dynamic_batch")),
                     "precision": precision,
+                    "plugins": {BLOCK_SPARSE_PLUGIN_ID: plugin_calls} if plugin_calls else {},
                     "refit": {
                         "mode": config.refit,
                         "weights_stripped": config.strip_weights,

@@ -1,7 +1,9 @@
 """The Triton kernel itself; imported only by :mod:`.triton` when a launch is needed (imports triton).
 
 Kept at module level (not in a closure) so Triton's compiler resolves ``tl`` from the module globals.
-See :mod:`.triton` for the algorithm.
+See :mod:`.triton` for the algorithm. One body (:func:`_bsa_tile`), two entry points: :func:`_bsa_fwd`
+(the PyTorch launcher's: strides and scale at run time) and :func:`_bsa_fwd_trt` (TensorRT's AOT plugin
+convention: inputs, int32 extras, output; see :mod:`accelkit.export.tensorrt_plugins`).
 
 Tiles along the keys: ``BLOCK_N <= MASK_BK`` walks each kept mask block in ``MASK_BK // BLOCK_N``
 pieces; ``BLOCK_N > MASK_BK`` gathers ``BLOCK_N // MASK_BK`` kept mask blocks (any positions) into one
@@ -50,7 +52,7 @@ def _attn_step(
 
 
 @triton.jit
-def _bsa_fwd(
+def _bsa_tile(
     Q, K, V, O, Counts, Indices,
     qk_scale,
     s_qb, s_qh, s_qm, s_qd,
@@ -65,6 +67,8 @@ def _bsa_fwd(
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     EVEN_LK: tl.constexpr, EVEN_D: tl.constexpr,
 ):  # fmt: skip
+    """The kernel body: one program = (tile of ``BLOCK_M`` query rows, batch·head). Both entry points
+    (:func:`_bsa_fwd`, :func:`_bsa_fwd_trt`) inline it, so they compute the same thing."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     # int64 so batch/head offsets cannot overflow int32 on long sequences or large batches.
@@ -127,3 +131,71 @@ def _bsa_fwd(
     out = acc / l_safe[:, None]
     o_ptrs = O + b * s_ob + h * s_oh + offs_m[:, None] * s_om + offs_dv[None, :] * s_od
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & dv_ok[None, :])
+
+
+@triton.jit
+def _bsa_fwd(
+    Q, K, V, O, Counts, Indices,
+    qk_scale,
+    s_qb, s_qh, s_qm, s_qd,
+    s_kb, s_kh, s_kn, s_kd,
+    s_vb, s_vh, s_vn, s_vd,
+    s_ob, s_oh, s_om, s_od,
+    s_cb, s_ch, s_cq,
+    s_ib, s_ih, s_iq, s_ij,
+    H, Lq, Lk, D, DV,
+    MASK_BQ: tl.constexpr, MASK_BK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    EVEN_LK: tl.constexpr, EVEN_D: tl.constexpr,
+):  # fmt: skip
+    """Entry point of the PyTorch launcher (:mod:`.triton`): any strides, scale at run time."""
+    _bsa_tile(
+        Q, K, V, O, Counts, Indices, qk_scale,
+        s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, s_ob, s_oh, s_om, s_od,
+        s_cb, s_ch, s_cq, s_ib, s_ih, s_iq, s_ij,
+        H, Lq, Lk, D, DV,
+        MASK_BQ=MASK_BQ, MASK_BK=MASK_BK, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+        BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, EVEN_LK=EVEN_LK, EVEN_D=EVEN_D,
+    )  # fmt: skip
+
+
+@triton.jit
+def _bsa_fwd_trt(
+    Q, K, V, Counts, Indices,
+    H, Lq, Lk, W,
+    O,
+    QK_SCALE: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+    MASK_BQ: tl.constexpr, MASK_BK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    EVEN_LK: tl.constexpr, EVEN_D: tl.constexpr,
+):  # fmt: skip
+    """Entry point in TensorRT's AOT plugin launch convention: input pointers, int32 extras, output.
+
+    A TensorRT AOT plugin launches ``(inputs..., extra int32 scalars..., outputs...)`` with linear
+    (contiguous) tensors, so the strides follow from the shapes: q ``(B, H, Lq, D)``, k ``(B, H, Lk, D)``,
+    v ``(B, H, Lk, DV)``, counts ``(B, H, NQ)``, indices ``(B, H, NQ, W)``, out ``(B, H, Lq, DV)`` with
+    ``NQ = ceil(Lq / MASK_BQ)``. The softmax scale (already times log2(e)), the head dims and the
+    block sizes are compile-time constants (one kernel per plugin attribute set).
+    """
+    NQ = (Lq + MASK_BQ - 1) // MASK_BQ
+    # int64 per-head / per-batch strides: H * L * D can pass 2**31 on long sequences.
+    s_qh = Lq.to(tl.int64) * D
+    s_kh = Lk.to(tl.int64) * D
+    s_vh = Lk.to(tl.int64) * DV
+    s_oh = Lq.to(tl.int64) * DV
+    s_ch = NQ.to(tl.int64)
+    s_ih = NQ.to(tl.int64) * W
+    _bsa_tile(
+        Q, K, V, O, Counts, Indices, QK_SCALE,
+        H * s_qh, s_qh, D, 1,
+        H * s_kh, s_kh, D, 1,
+        H * s_vh, s_vh, DV, 1,
+        H * s_oh, s_oh, DV, 1,
+        H * s_ch, s_ch, 1,
+        H * s_ih, s_ih, W, 1,
+        H, Lq, Lk, D, DV,
+        MASK_BQ=MASK_BQ, MASK_BK=MASK_BK, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+        BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, EVEN_LK=EVEN_LK, EVEN_D=EVEN_D,
+    )  # fmt: skip

@@ -64,8 +64,8 @@ class FakeToolchain:
     def environment(self):
         return dict(self.env)
 
-    def build(self, onnx_path, profile, config, timing_cache):
-        self.builds.append({"file": onnx_path.name, "profile": profile, "cache": timing_cache})
+    def build(self, onnx_path, profile, config, timing_cache, *, model=None):
+        self.builds.append({"file": onnx_path.name, "profile": profile, "cache": timing_cache, "model": model})
         return EngineBuild(
             engine=onnx_path.read_bytes(), timing_cache=(timing_cache or b"") + f"{onnx_path.name};".encode()
         )
@@ -247,14 +247,61 @@ def test_plugin_shape_function():
         block_sparse_attention_output_shape((2, 64, 32), (2, 80, 16))
 
 
-def test_plugin_descriptor_registers_with_class_annotations(monkeypatch):
-    import inspect
+class FakeDim:
+    """Stand-in for tensorrt.plugin's ShapeExpr: a constant (``value``) or a named symbol, with the
+    arithmetic the plugin code uses; ``text`` spells the expression so tests can compare formulas."""
 
-    registered = {}
+    def __init__(self, value=None, text=None):
+        self.value, self.text = value, text if text is not None else str(value)
+
+    @property
+    def is_constant(self):
+        return self.value is not None
+
+    def constant_value(self):
+        assert self.value is not None, f"{self.text} is not a build-time constant"
+        return self.value
+
+    def __mul__(self, other):
+        other = other if isinstance(other, FakeDim) else FakeDim(other)
+        both = self.value is not None and other.value is not None
+        return FakeDim(self.value * other.value if both else None, f"({self.text}*{other.text})")
+
+    def __repr__(self):
+        return self.text
+
+
+def fake_tensorrt_plugin():
+    """A stand-in ``tensorrt.plugin`` whose register / aot_impl make the checks TensorRT makes.
+
+    Registered functions land in ``plugin.registered`` and ``plugin.aot_impls`` (by plugin id).
+    """
+    import inspect
+    import typing
+
+    plugin = types.ModuleType("tensorrt.plugin")
+    plugin.registered, plugin.aot_impls = {}, {}
 
     class TensorDesc:
         def __init__(self, shape_expr=(), dtype=None):
             self.shape_expr, self.dtype = tuple(shape_expr), dtype
+
+    class KernelLaunchParams:
+        def __init__(self):
+            self.grid_x = self.grid_y = self.grid_z = self.block_x = self.block_y = self.block_z = 1
+            self.shared_mem = 0
+
+    class SymInt32:
+        def __init__(self, expr):
+            self.expr = expr
+
+    class SymExprs(list):
+        pass
+
+    class SymIntExprs(SymExprs):
+        @classmethod
+        def from_tuple(cls, exprs):
+            return cls(exprs)
 
     def register(plugin_id):
         def decorator(fn):
@@ -263,14 +310,50 @@ def test_plugin_descriptor_registers_with_class_annotations(monkeypatch):
             for parameter in signature.parameters.values():
                 assert isinstance(parameter.annotation, type), (parameter.name, parameter.annotation)
             assert signature.return_annotation is TensorDesc
-            registered[plugin_id] = fn
+            plugin.registered[plugin_id] = fn
             return fn
 
         return decorator
 
-    plugin = types.ModuleType("tensorrt.plugin")
-    plugin.TensorDesc, plugin.register = TensorDesc, register
+    def aot_impl(plugin_id):
+        def decorator(fn):
+            # What tensorrt.plugin.aot_impl checks: registered first; parameters are the inputs, (a subset
+            # of) the attributes in order, then outputs and tactic; a 4-tuple return annotation of classes.
+            desc = plugin.registered[plugin_id]
+            registered = list(inspect.signature(desc).parameters)
+            names = list(inspect.signature(fn).parameters)
+            assert names[-2:] == ["outputs", "tactic"], names
+            assert names[:-2] == [n for n in registered if n in names[:-2]], (names, registered)
+            ret = inspect.signature(fn).return_annotation
+            assert typing.get_origin(ret) is tuple, ret
+            args = typing.get_args(ret)
+            assert len(args) == 4
+            for text in args[:2]:
+                assert set(typing.get_args(text) or (text,)) <= {str, bytes}, text
+            assert issubclass(args[2], KernelLaunchParams) and issubclass(args[3], SymExprs), args
+            plugin.aot_impls[plugin_id] = fn
+            return fn
+
+        return decorator
+
+    def cdiv(first, second):
+        text = f"cdiv({first.text},{second})"
+        return FakeDim(-(-first.value // second) if first.is_constant else None, text)
+
+    plugin.TensorDesc, plugin.KernelLaunchParams = TensorDesc, KernelLaunchParams
+    plugin.SymInt32, plugin.SymExprs, plugin.SymIntExprs = SymInt32, SymExprs, SymIntExprs
+    plugin.register, plugin.aot_impl, plugin.cdiv = register, aot_impl, cdiv
     plugin.from_shape_expr = lambda shape, dtype: TensorDesc(shape, dtype)
+    return plugin
+
+
+def test_plugin_descriptor_registers_with_class_annotations(monkeypatch):
+    import inspect
+
+    from accelkit.kernels._backend import triton_importable
+
+    plugin = fake_tensorrt_plugin()
+    TensorDesc = plugin.TensorDesc
     trt = types.ModuleType("tensorrt")
     trt.__version__, trt.plugin = "10.13.0", plugin
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
@@ -278,13 +361,15 @@ def test_plugin_descriptor_registers_with_class_annotations(monkeypatch):
     monkeypatch.setattr(tensorrt_export, "_PLUGINS_REGISTERED", False)
     tensorrt_export.register_tensorrt_plugins()
     tensorrt_export.register_tensorrt_plugins()  # once per process
-    desc = registered.pop("accelkit::block_sparse_attention")
-    assert registered == {}
+    desc = plugin.registered.pop("accelkit::block_sparse_attention")
+    assert plugin.registered == {}
     names = list(inspect.signature(desc).parameters)
     assert names == ["q", "k", "v", "kv_block_counts", "kv_block_indices", "block_q", "block_k", "scale"]
     q, v = TensorDesc(("B", "H", "Lq", "D"), "bf16"), TensorDesc(("B", "H", "Lk", "Dv"), "bf16")
     out = desc(q, TensorDesc(), v, TensorDesc(), TensorDesc(), 128, 64, 0.125)
     assert out.shape_expr == ("B", "H", "Lq", "Dv") and out.dtype == "bf16"
+    # The ahead-of-time kernel is compiled from triton: registered exactly when triton imports.
+    assert list(plugin.aot_impls) == (["accelkit::block_sparse_attention"] if triton_importable() else [])
 
 
 def _sparse_model():
@@ -360,15 +445,56 @@ def _write_onnx_dir(directory, models: dict, program_meta: dict):
     (directory / "manifest.json").write_text(json.dumps(manifest))
 
 
-def test_builder_refuses_sparse_plans_before_calling_tensorrt(tmp_path):
+def test_builder_refuses_sparse_plans_without_triton_before_calling_tensorrt(tmp_path, monkeypatch):
+    import accelkit.kernels._backend as backend
+
+    monkeypatch.setattr(backend, "triton_importable", lambda: False)
     _write_onnx_dir(tmp_path / "onnx", {"full": _sparse_model()}, {"input_specs": [{"shape": [1, 2, 8, 4]}]})
     toolchain = FakeToolchain()
     with pytest.raises(TensorRTExportError) as info:
         build_engines(tmp_path / "onnx", tmp_path / "engines", toolchain=toolchain)
-    message = str(info.value)
-    assert "no TensorRT kernel yet" in message and "--backend onnxruntime" in message
-    assert "\n" not in message
+    assert str(info.value) == (
+        "full.onnx: building engines for a sparse plan needs triton (pip install accelkit[gpu])"
+    )
     assert toolchain.builds == [] and not (tmp_path / "engines").exists()
+
+
+def test_builder_refuses_block_sizes_the_kernel_cannot_tile(tmp_path, monkeypatch):
+    import accelkit.kernels._backend as backend
+
+    monkeypatch.setattr(backend, "triton_importable", lambda: True)
+    model = _sparse_model()
+    for attribute in model.graph.node[0].attribute:
+        if attribute.name == "block_k":
+            attribute.i = 40
+    _write_onnx_dir(tmp_path / "onnx", {"full": model}, {"input_specs": [{"shape": [1, 2, 8, 4]}]})
+    toolchain = FakeToolchain()
+    with pytest.raises(TensorRTExportError, match="block_k=40.*multiples of 16"):
+        build_engines(tmp_path / "onnx", tmp_path / "engines", toolchain=toolchain)
+    assert toolchain.builds == []
+
+
+def test_builder_hands_sparse_models_to_tensorrt_as_plugin_nodes(tmp_path, monkeypatch):
+    import accelkit.kernels._backend as backend
+
+    monkeypatch.setattr(backend, "triton_importable", lambda: True)  # the build itself is faked
+    _write_onnx_dir(
+        tmp_path / "onnx",
+        {"full": _sparse_model(), "cached": _tiny_model()},
+        {"input_specs": [{"shape": [1, 2, 8, 4]}]},
+    )
+    toolchain = FakeToolchain()
+    manifest = build_engines(tmp_path / "onnx", tmp_path / "engines", toolchain=toolchain)
+    sparse, plain = toolchain.builds
+    # The parser gets the rewritten copy (plugin node, no local function); other models parse as written.
+    parsed = onnx.load_from_string(sparse["model"])
+    assert [n.op_type for n in parsed.graph.node] == [BLOCK_SPARSE_PLUGIN_NAME] and len(parsed.functions) == 0
+    assert plain["model"] is None
+    plugins = {m["variant"]: m["plugins"] for m in manifest["models"]}
+    assert plugins == {"full": {"accelkit::block_sparse_attention": 1}, "cached": {}}
+    # The file on disk keeps the local function (onnxruntime runs it).
+    on_disk = onnx.load(str(tmp_path / "onnx" / "full.onnx"))
+    assert on_disk.graph.node[0].op_type == block_sparse_function_id()[1]
 
 
 # ---------------------------------------------------------------- engine folder and manifest
