@@ -132,6 +132,10 @@ def test_knapsack_with_real_flops_meets_the_target():
         assert sum(flops[i] for i in chosen) >= target
         # Discretization may cost a little optimality, never feasibility; it is near the true optimum.
         assert sum(scores[i] for i in chosen) <= _brute_force(scores, flops, target) + max(scores) + 1e-12
+    # Three of the zoo model's candidate blocks hold 0.5000009 of its block FLOPs: fraction 0.5 is three blocks.
+    zoo = [602768640.0, 600603648.0, 600603648.0, 600603648.0]
+    target = 0.5 * (sum(zoo) + 602768640.0 + 600597504.0)
+    assert len(select_min_loss([0.1, 0.2, 0.3, 0.4], zoo, target)) == 3
     assert select_min_loss([1.0, 2.0], [1.0, 1.0], 0.0) == ()
     with pytest.raises(InputError, match="prune.fraction"):
         select_min_loss([1.0], [1.0], 2.0)

@@ -342,7 +342,7 @@ def _check_in_domain(params: dict, pass_names) -> None:
             raise AssertionError(f"unknown domain {domain!r}")
 
 
-PASS_SETS = [("steps",), ("cache",), ("steps", "cache")]
+PASS_SETS = [("steps",), ("cache",), ("steps", "cache"), ("steps", "prune", "quant", "sparse", "cache")]
 @pytest.mark.parametrize("passes", PASS_SETS)
 @pytest.mark.parametrize("targets", [(1.0,), (1.5,), (2.0,), (2.0, 3.0), (5.0,), (8.0,), (50.0,)])
 def test_default_trials_lie_in_search_space(passes, targets):
@@ -362,6 +362,19 @@ def test_default_trials_complete_seeds_build_configs():
             continue
         configs = suggest_configs(optuna.trial.FixedTrial(params), ("steps", "cache"))
         assert [type(c).__name__ for c in configs] == ["StepsConfig", "CacheConfig"]
+
+
+def test_default_trials_with_every_pass_leave_the_unseeded_passes_as_no_ops():
+    names = ("steps", "prune", "quant", "sparse", "cache")
+    seeds = default_trials(names, (2.0,))
+    assert seeds
+    for params in seeds:
+        space = {f"{n}.{f}" for n in names for f in registered_passes()[n].config_type.SEARCH_SPACE}
+        assert set(params) == space  # every field fixed: nothing left to the sampler
+        configs = suggest_configs(optuna.trial.FixedTrial(params), names)
+        by_name = dict(zip(names, configs, strict=True))
+        assert by_name["prune"].is_noop() and by_name["quant"].is_noop() and by_name["sparse"].is_noop()
+        assert not (by_name["steps"].is_noop() and by_name["cache"].is_noop())
 
 
 def test_suggest_configs_with_fixed_trial():
