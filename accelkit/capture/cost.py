@@ -49,11 +49,17 @@ def _shape(node) -> tuple[int, ...] | None:
     return tuple(int(s) for s in value.shape) if isinstance(value, torch.Tensor) else None
 
 
+def get_attr_value(module: torch.nn.Module, target: str):
+    """The object a ``get_attr`` node with ``target`` (``"blocks.0.attn.to_q.weight"``) reads."""
+    value = module
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
+
+
 def _weight_tensor(module: fx.GraphModule, node) -> torch.Tensor | None:
     if isinstance(node, fx.Node) and node.op == "get_attr":
-        target = module
-        for part in str(node.target).split("."):
-            target = getattr(target, part)
+        target = get_attr_value(module, str(node.target))
         return target if isinstance(target, torch.Tensor) else None
     return None
 

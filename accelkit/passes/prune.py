@@ -33,7 +33,7 @@ import torch
 from torch import fx
 
 from accelkit.capture.blocks import BlockIndex, find_blocks
-from accelkit.capture.cost import graph_costs
+from accelkit.capture.cost import get_attr_value, graph_costs
 from accelkit.capture.graph import clone_graph_module, eliminate_dead_nodes
 from accelkit.capture.streams import BlockPairing, pair_block_outputs, removal_candidates
 from accelkit.errors import InputError
@@ -218,7 +218,7 @@ def replace_weights(module: fx.GraphModule, tensors: dict[str, torch.Tensor]) ->
                          "weights belong to another pruning; rerun `accelkit distill` on this plan")
     root: dict[str, Any] = {}
     for target in targets:
-        current = _fetch(module, target)
+        current = get_attr_value(module, target)
         replacement = tensors.get(target)
         if replacement is not None and (replacement.shape != current.shape or replacement.dtype != current.dtype):
             raise InputError(f"recovered weight '{target}' is {list(replacement.shape)} {replacement.dtype}, the graph "
@@ -229,13 +229,6 @@ def replace_weights(module: fx.GraphModule, tensors: dict[str, torch.Tensor]) ->
     copied.graph._codegen = fx.graph.CodeGen()
     copied.recompile()
     return copied
-
-
-def _fetch(module: torch.nn.Module, target: str) -> Any:
-    value: Any = module
-    for part in target.split("."):
-        value = getattr(value, part)
-    return value
 
 
 def block_flops(module: fx.GraphModule, blocks: BlockIndex | None = None) -> dict[str, float]:

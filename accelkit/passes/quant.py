@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from torch import fx
 
+from accelkit.capture.cost import get_attr_value
 from accelkit.capture.graph import clone_graph_module, eliminate_dead_nodes
 from accelkit.errors import InputError
 from accelkit.passes.base import (
@@ -292,13 +293,6 @@ class LayerSite:
     reason: str | None = None
 
 
-def _get_attr(module: torch.nn.Module, target: str) -> Any:
-    value = module
-    for part in target.split("."):
-        value = getattr(value, part)
-    return value
-
-
 def _matches(path: str, patterns: Sequence[str]) -> str | None:
     for pattern in patterns:
         if path == pattern or path.startswith(pattern + ".") or fnmatch.fnmatchcase(path, pattern):
@@ -318,7 +312,7 @@ def find_quant_sites(module: fx.GraphModule, config: QuantConfig) -> list[LayerS
         by_weight.setdefault(str(weight.target), []).append(node.name)
     sites = []
     for target, nodes in by_weight.items():
-        tensor = _get_attr(module, target)
+        tensor = get_attr_value(module, target)
         path = target.removesuffix(".weight")
         shape = tuple(int(s) for s in tensor.shape)
         reason = None
@@ -537,7 +531,7 @@ def quant(program: Program, config: QuantConfig, calib: Any) -> PassResult:
     def build(site: LayerSite, alpha: float) -> QuantizedLinear:
         key = (site.path, float(alpha))
         if key not in built:
-            w = _get_attr(module, site.weight)
+            w = get_attr_value(module, site.weight)
             lora_dtype = w.dtype if w.dtype in (torch.float16, torch.bfloat16) else torch.float32
             built[key] = svdquant_weight(
                 w, cal.absmax()[site.path] if alpha else None, alpha=float(alpha), rank=config.rank,
@@ -566,7 +560,7 @@ def quant(program: Program, config: QuantConfig, calib: Any) -> PassResult:
             samples = cal.samples()
             table = np.zeros((len(candidates), len(grid)))
             for i, site in enumerate(candidates):
-                w = _get_attr(module, site.weight)
+                w = get_attr_value(module, site.weight)
                 for j, alpha in enumerate(grid):
                     table[i, j] = _relative_output_error(w, build(site, alpha), samples[site.path], config)
             return table
@@ -607,7 +601,7 @@ def quant(program: Program, config: QuantConfig, calib: Any) -> PassResult:
     )
     if not layers:
         return PassResult(program, modified=False, stats=stats, resolved_config=resolved)
-    before = sum(_get_attr(module, s.weight).numel() * _get_attr(module, s.weight).element_size() for s, _ in layers)
+    before = sum(get_attr_value(module, s.weight).numel() * get_attr_value(module, s.weight).element_size() for s, _ in layers)
     after = sum(sum(t.numel() * t.element_size() for t in q.tensors().values()) for _, q in layers)
     stats.update(weight_bytes_before=int(before), weight_bytes_after=int(after),
                  compression=float(before / after) if after else 0.0)

@@ -57,6 +57,14 @@ def read_state(state: Mapping[str, list[Any]], state_name: str, step: int, varia
     return history[0] if state_name.endswith("@prev") and len(history) > 1 else history[-1]
 
 
+def write_state(state: dict[str, list[Any]], written: Mapping[str, Any]) -> None:
+    """Record the values a step wrote, keeping the last two of each (``@prev`` reads the older one)."""
+    for state_name, value in written.items():
+        history = state.setdefault(state_name, [])
+        history.append(value)
+        del history[:-2]
+
+
 class ProgramExecutor:
     """Executes a program's variants with per-branch state.
 
@@ -118,10 +126,7 @@ class ProgramExecutor:
         self.variant_calls[name] += 1
         num_user = self.program.graph.num_user_outputs
         written = dict(zip(variant.state_outputs, outputs[num_user:], strict=True))
-        for state_name, value in written.items():
-            history = state.setdefault(state_name, [])
-            history.append(value)
-            del history[:-2]
+        write_state(state, written)
         if self.state_log is not None:
             self.state_log.append((step, branch, written))
         return self.program.graph.rebuild_output(outputs, return_dict)

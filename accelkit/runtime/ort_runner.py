@@ -24,7 +24,7 @@ import torch
 
 from accelkit.errors import InputError, PlanMismatchError
 from accelkit.passes.base import Program
-from accelkit.runtime.executor import read_state
+from accelkit.runtime.executor import read_state, write_state
 from accelkit.runtime.pipeline import AcceleratedPipeline
 
 _NUMPY_DTYPES = {
@@ -281,10 +281,7 @@ class ScheduleReplayRunner:
         self.variant_calls[name] += 1
         num_user = self.meta.num_user_outputs
         written = dict(zip(variant.state_outputs, outputs[num_user:], strict=True))
-        for state_name, value in written.items():
-            history = state.setdefault(state_name, [])
-            history.append(value)
-            del history[:-2]
+        write_state(state, written)
         if self.state_log is not None:
             self.state_log.append((step, branch, {k: self._to_torch(v, None) for k, v in written.items()}))
         user = tuple(self._to_torch(o, reference.device) for o in outputs[:num_user])
@@ -376,9 +373,8 @@ class OnnxAcceleratedPipeline(AcceleratedPipeline):
         providers: Sequence[Any] | None = None,
         call_defaults: dict[str, Any] | None = None,
     ) -> None:
-        super().__init__(pipe, program, call_defaults=call_defaults)
-        self.executor = OrtProgramRunner(directory, program, providers=providers)
-        self.forward.executor = self.executor
+        super().__init__(pipe, program, call_defaults=call_defaults,
+                         executor=OrtProgramRunner(directory, program, providers=providers))
 
 
 def apply_onnx(

@@ -163,17 +163,20 @@ class AcceleratedPipeline:
         compile: run graph variants through ``torch.compile``.
         call_defaults: pipeline arguments applied when the caller omits them (the resolution and
             guidance scale a plan was made for).
+        executor: what runs a step (``run(step, branch, kwargs, return_dict)``, ``reset()``): the
+            onnxruntime or TensorRT runner of an export; a :class:`ProgramExecutor` when None.
     """
 
     def __init__(
-        self, pipe: Any, program: Program, *, compile: bool = False, call_defaults: dict[str, Any] | None = None
+        self, pipe: Any, program: Program, *, compile: bool = False, call_defaults: dict[str, Any] | None = None,
+        executor: Any = None,
     ) -> None:
         program.validate()
         self.pipe = pipe
         self.program = program
         self.call_defaults = dict(call_defaults or {})
         self.denoiser_name, self.denoiser = find_denoiser(pipe)
-        self.executor = ProgramExecutor(program, compile=compile)
+        self.executor = executor if executor is not None else ProgramExecutor(program, compile=compile)
         self.forward = StepAwareForward(pipe, self.executor)
         self._original_forward = self.denoiser.__dict__.get("forward")
         self.denoiser.forward = self.forward

@@ -217,9 +217,8 @@ class TensorRTAcceleratedPipeline(AcceleratedPipeline):
         backend: EngineBackend | None = None,
         call_defaults: dict[str, Any] | None = None,
     ) -> None:
-        super().__init__(pipe, program, call_defaults=call_defaults)
-        self.executor = TrtProgramRunner(directory, program, backend=backend)
-        self.forward.executor = self.executor
+        super().__init__(pipe, program, call_defaults=call_defaults,
+                         executor=TrtProgramRunner(directory, program, backend=backend))
 
 
 def apply_tensorrt(
