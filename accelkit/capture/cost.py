@@ -1,7 +1,8 @@
 """FLOPs and bytes per graph node, from the fake tensors ``torch.export`` records in ``node.meta``.
 
 These feed the ``inspect`` block table and the roofline cost model. Matrix products, convolutions and
-attention carry the FLOPs; everything else is counted by the bytes it moves.
+attention carry the FLOPs; everything else is counted by the bytes it moves. A custom op's FLOPs come
+from its cost formula in the op registry (:mod:`accelkit.kernels.registry`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import fx
+
+from accelkit.kernels.registry import op_call
 
 aten = torch.ops.aten
 
@@ -89,41 +92,18 @@ def node_flops(node: fx.Node) -> tuple[float, str]:
         w = _shape(node.args[1])
         if w and out:
             return 2.0 * math.prod(out) * math.prod(w[1:]), "conv"
-    if getattr(getattr(target, "_schema", None), "name", None) == "accelkit::svdq_linear":
-        # 4-bit GEMM x (N, K) plus the low-rank branch x (r, K) then (N, r); its bytes are the stored
-        # (packed 4-bit, scales, factors) tensors, counted from the get_attr inputs like any weight.
-        x, down = _shape(node.args[0]), _shape(node.args[3])
-        if x and down and out:
-            rows = math.prod(x[:-1])
-            return 2.0 * rows * out[-1] * x[-1] + 2.0 * rows * down[0] * (x[-1] + out[-1]), "matmul"
     if target is aten.scaled_dot_product_attention.default:
         q, k = _shape(node.args[0]), _shape(node.args[1])
         if q and k:
             # QK^T and PV: 2 * (2 * L_q * L_k * d) per batch-head.
             return 4.0 * math.prod(q[:-2]) * q[-2] * k[-2] * q[-1], "attention"
-    custom = _custom_op_name(target)
-    if custom == "accelkit::block_sparse_attention":
-        q, k = _shape(node.args[0]), _shape(node.args[1])
-        if q and k:
-            # Dense attention FLOPs times the kept share of the blocks. The share depends on the data;
-            # the sparse pass stores its calibrated mean on the node (1.0 = unknown, counted dense).
-            kept = float(node.meta.get("accelkit_kept_fraction", 1.0))
-            return 4.0 * math.prod(q[:-2]) * q[-2] * k[-2] * q[-1] * kept, "attention"
-    if custom == "accelkit::predict_block_mask":
-        q, k = _shape(node.args[0]), _shape(node.args[1])
-        if q and k:
-            # Pooling Q and K (one add per element) plus the pooled scores; bandwidth-bound in practice.
-            nq, nk = -(-q[-2] // int(node.args[2])), -(-k[-2] // int(node.args[3]))
-            pooled = 2.0 * math.prod(q[:-2]) * nq * nk * q[-1]
-            return float(math.prod(q) + math.prod(k)) + pooled, "memory"
+    registered = op_call(node)
+    if registered is not None and registered[0].flops is not None:
+        spec, call = registered
+        counted = spec.flops(call)
+        if counted is not None:
+            return float(counted.flops), counted.kind
     return (float(math.prod(out)) if out else 0.0), "memory"
-
-
-def _custom_op_name(target) -> str | None:
-    """``"namespace::name"`` of a custom op overload (``accelkit::block_sparse_attention``), else None."""
-    schema = getattr(target, "_schema", None)
-    name = getattr(schema, "name", None)
-    return name if isinstance(name, str) and name.startswith("accelkit::") else None
 
 
 def graph_costs(module: fx.GraphModule) -> dict[str, NodeCost]:

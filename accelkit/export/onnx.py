@@ -12,10 +12,10 @@ maps every ONNX name back to its state name and lists every file with its sha256
 verification error and whether the batch dimension is dynamic. The directory is written to a
 temporary sibling and renamed into place, so readers see the old export or the whole new one.
 
-Custom ops of the ``accelkit::`` namespace (quantized matmuls, sparse attention ...) need an ONNX
-lowering registered with :func:`register_onnx_lowering`; a graph holding one without a lowering is
-refused before anything is traced. The built-in ones (:mod:`accelkit.export.lowerings`) are registered
-when an export runs.
+Custom ops (quantized matmuls, sparse attention ...) need an ONNX lowering: the one their op spec
+declares (:mod:`accelkit.kernels.registry`) or one registered with :func:`register_onnx_lowering`
+(:mod:`accelkit.export.lowerings` picks); a graph holding one without a lowering is refused before
+anything is traced. Every built-in op package is imported when an export runs, so its spec exists.
 
 Dynamic batch: a static capture writes the batch size into view/reshape/expand arguments, so the
 variant is first rewritten to read it from a batch input (:func:`_symbolic_batch`), exported with a
@@ -34,7 +34,8 @@ import logging
 import re
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,15 @@ from torch import fx
 
 from accelkit._io import atomic_directory, atomic_write_json
 from accelkit.capture.graph import clone_graph_module
-from accelkit.errors import AccelkitError
+from accelkit.export.lowerings import (
+    LoweringError,
+    OnnxExportError,
+    finalize_model,
+    onnx_lowerings,
+    register_onnx_lowering,
+    translation_table,
+)
+from accelkit.kernels.registry import load_builtin_ops, op_call
 from accelkit.passes.base import GraphVariant, Program
 
 MANIFEST_NAME = "manifest.json"
@@ -55,7 +64,6 @@ FP32_TOLERANCE = 1e-4
 LOW_PRECISION_TOLERANCE = 1e-2
 # Above this many bytes of weights a model is saved with external data (protobuf stops at 2 GiB).
 EXTERNAL_DATA_BYTES = 1 << 30
-CUSTOM_NAMESPACE = "accelkit"
 
 logger = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -73,91 +81,6 @@ __all__ = [
     "to_numpy",
     "verify_files",
 ]
-
-
-class OnnxExportError(AccelkitError):
-    """A graph variant could not be exported to ONNX or its model disagrees with PyTorch."""
-
-
-# ---------------------------------------------------------------- custom-op lowerings
-
-_LOWERINGS: dict[str, Callable[..., Any]] = {}
-# Per op: node -> the reason it cannot be lowered (None when it can), asked before any tracing.
-_REFUSALS: dict[str, Callable[[fx.Node], str | None]] = {}
-
-
-def _qualified(op_name: str) -> str:
-    return op_name if "::" in op_name else f"{CUSTOM_NAMESPACE}::{op_name}"
-
-
-def register_onnx_lowering(
-    op_name: str, fn: Callable[..., Any], *, refuse: Callable[[fx.Node], str | None] | None = None
-) -> Callable[..., Any]:
-    """Register the ONNX lowering of a custom op.
-
-    Args:
-        op_name: ``"accelkit::<op>"`` (``"<op>"`` alone means the accelkit namespace); an overload is
-            named ``"accelkit::<op>.<overload>"``, the plain name covers the default overload.
-        fn: an onnxscript function with the op's signature, as ``torch.onnx.export``'s
-            ``custom_translation_table`` takes it.
-        refuse: optional ``node -> reason or None``: graph nodes of the op this lowering cannot handle
-            (an argument value it has no ONNX form for), refused before anything is traced.
-
-    Returns:
-        ``fn`` (so it can be used as a decorator via ``functools.partial``).
-    """
-    _LOWERINGS[_qualified(op_name)] = fn
-    if refuse is not None:
-        _REFUSALS[_qualified(op_name)] = refuse
-    else:
-        _REFUSALS.pop(_qualified(op_name), None)
-    return fn
-
-
-def onnx_lowerings() -> dict[str, Callable[..., Any]]:
-    """The registered lowerings by qualified op name (a copy)."""
-    return dict(_LOWERINGS)
-
-
-def _custom_op_name(target: Any) -> str | None:
-    """``"accelkit::op"`` (or ``"accelkit::op.overload"``) for a node target of the custom namespace."""
-    if not isinstance(target, torch._ops.OpOverload):
-        return None
-    if target.namespace != CUSTOM_NAMESPACE:
-        return None
-    name = target._schema.name
-    overload = target._overloadname
-    return name if overload in ("", "default") else f"{name}.{overload}"
-
-
-def _translation_table(module: fx.GraphModule) -> dict[Any, Callable[..., Any]]:
-    """Lowerings for the custom ops ``module`` calls; refuse ops that have none."""
-    table: dict[Any, Callable[..., Any]] = {}
-    missing: list[str] = []
-    for node in module.graph.nodes:
-        if node.op != "call_function":
-            continue
-        name = _custom_op_name(node.target)
-        if name is None:
-            continue
-        base = name if name in _LOWERINGS else name.split(".")[0]
-        fn = _LOWERINGS.get(base)
-        if fn is None:
-            if name not in missing:
-                missing.append(name)
-            continue
-        refuse = _REFUSALS.get(base)
-        reason = refuse(node) if refuse is not None else None
-        if reason:
-            raise OnnxExportError(reason)
-        table[node.target] = fn
-    if missing:
-        raise OnnxExportError(
-            f"no ONNX lowering for {', '.join(missing)}: register one with "
-            "accelkit.export.onnx.register_onnx_lowering(name, onnxscript_function), or export a program "
-            "made without the pass that inserted it"
-        )
-    return table
 
 
 # ---------------------------------------------------------------- names and example inputs
@@ -357,7 +280,9 @@ def _first_line(error: BaseException) -> str:
     return head[:400]
 
 
-def _find_cause(error: BaseException, kind: type[BaseException]) -> BaseException | None:
+def _find_cause(
+    error: BaseException, kind: type[BaseException] | tuple[type[BaseException], ...]
+) -> BaseException | None:
     """The first ``kind`` in ``error``'s cause/context chain (the exporter wraps a lowering's own error)."""
     seen: set[int] = set()
     current: BaseException | None = error
@@ -396,18 +321,26 @@ def _torch_export(
         return torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=False)
 
 
-def _uses_fp8_activations(module: fx.GraphModule) -> bool:
-    return any(
-        _custom_op_name(n.target) == "accelkit::svdq_linear" and len(n.args) > 8 and n.args[8] == "w4a8"
-        for n in module.graph.nodes
-        if n.op == "call_function"
-    )
+# Compute dtypes whose rounding is a step function: the ONNX check uses the low-precision tolerance.
+_EIGHT_BIT_COMPUTE = ("float8", "int8", "int4")
 
 
-def _tolerance(expected: torch.Tensor, fp8_activations: bool) -> float:
+def _uses_eight_bit_compute(module: fx.GraphModule) -> bool:
+    """Whether a custom op of ``module`` computes in 8 bits or fewer (its op spec's precision facts)."""
+    for node in module.graph.nodes:
+        registered = op_call(node)
+        if registered is None or registered[0].precision.compute_dtype is None:
+            continue
+        spec, call = registered
+        if spec.precision.compute_dtype(call) in _EIGHT_BIT_COMPUTE:
+            return True
+    return False
+
+
+def _tolerance(expected: torch.Tensor, eight_bit: bool) -> float:
     if not expected.dtype.is_floating_point:
         return 0.0
-    if fp8_activations or expected.dtype not in (torch.float32, torch.float64):
+    if eight_bit or expected.dtype not in (torch.float32, torch.float64):
         # FP8 rounding is a step function: float32 noise upstream (another summation order) moves a
         # few activations across a rounding boundary, one FP8 step each.
         return LOW_PRECISION_TOLERANCE
@@ -510,6 +443,236 @@ def _onnx_dim_is_symbolic(model_path: Path, input_name: str) -> bool:
     return False
 
 
+@dataclass(frozen=True, kw_only=True)
+class _VariantCall:
+    """One variant as the export sees it: example arguments, ONNX names, PyTorch reference outputs.
+
+    Args:
+        name: the variant name.
+        module: the variant's graph, prepared for ONNX (:func:`_prepare_module`).
+        args: example arguments in calling order (user, state, scalar inputs).
+        sources: per argument, ``(role, state or scalar name or None)``.
+        input_names: ONNX input names, one per argument.
+        output_names: ONNX output names (user outputs, then state outputs).
+        output_sources: per output, its state name (None for user outputs).
+        reference: the PyTorch outputs on ``args``.
+        batch: the captured batch (dim 0 of the first user input).
+        eight_bit: a custom op computes in 8 bits or fewer (looser tolerance).
+    """
+
+    name: str
+    module: fx.GraphModule
+    args: tuple[torch.Tensor, ...]
+    sources: tuple[tuple[str, str | None], ...]
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    output_sources: tuple[str | None, ...]
+    reference: tuple[torch.Tensor, ...]
+    batch: int
+    eight_bit: bool
+
+    @property
+    def carries(self) -> list[bool]:
+        return _carries_batch(self.args, self.batch)
+
+
+def _onnx_names(graph: Any, variant: GraphVariant, name: str) -> tuple[list[str], list[str]]:
+    """ONNX input and output names of a variant (state names sanitized, collisions refused/renamed)."""
+    input_names = [
+        *graph.input_names,
+        *(sanitize_name(s) for s in variant.state_inputs),
+        *(sanitize_name(s) for s in variant.scalar_inputs),
+    ]
+    if len(set(input_names)) != len(input_names):
+        raise OnnxExportError(f"variant '{name}': input names collide after sanitizing: {input_names}")
+    output_names = [f"out{i}" for i in range(graph.num_user_outputs)]
+    for state in variant.state_outputs:
+        candidate = sanitize_name(state)
+        # A variant that reads and writes the same state needs two ONNX names for it.
+        if candidate in input_names or candidate in output_names:
+            candidate = f"{candidate}_out"
+        output_names.append(candidate)
+    return input_names, output_names
+
+
+def _variant_call(
+    name: str,
+    variant: GraphVariant,
+    program: Program,
+    user_inputs: dict[str, torch.Tensor],
+    states: dict[str, torch.Tensor],
+    scalars: dict[str, torch.Tensor],
+) -> _VariantCall:
+    """Bind a variant's example arguments and run it once in PyTorch for the reference outputs."""
+    graph = program.graph
+    missing = [s for s in variant.state_inputs if s not in states]
+    if missing:
+        raise OnnxExportError(f"variant '{name}' reads state {missing} that no exported variant writes")
+    args = tuple(
+        [user_inputs[n] for n in graph.input_names]
+        + [states[s] for s in variant.state_inputs]
+        + [scalars[s] for s in variant.scalar_inputs]
+    )
+    sources = (
+        [("user", None)] * len(graph.input_names)
+        + [("state", s) for s in variant.state_inputs]
+        + [("scalar", s) for s in variant.scalar_inputs]
+    )
+    with torch.no_grad():
+        reference = tuple(variant.module(*args))
+    num_user = graph.num_user_outputs
+    if len(reference) != num_user + len(variant.state_outputs):
+        raise OnnxExportError(
+            f"variant '{name}' returns {len(reference)} outputs, expected {num_user} user + "
+            f"{len(variant.state_outputs)} state outputs"
+        )
+    input_names, output_names = _onnx_names(graph, variant, name)
+    first = args[0] if graph.input_names else None
+    module = _prepare_module(variant.module)
+    return _VariantCall(
+        name=name,
+        module=module,
+        args=args,
+        sources=tuple(sources),
+        input_names=tuple(input_names),
+        output_names=tuple(output_names),
+        output_sources=(None,) * num_user + tuple(variant.state_outputs),
+        reference=reference,
+        batch=int(first.shape[0]) if first is not None and first.dim() >= 1 else 1,
+        eight_bit=_uses_eight_bit_compute(module),
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class _OnnxWriter:
+    """Converts a ``torch.export``-ed variant to ``path``: lowerings, finalizers, optimizer, save, checker.
+
+    Args:
+        call: the variant.
+        path: the ``.onnx`` file to write.
+        table: the custom-op lowerings (:func:`accelkit.export.lowerings.translation_table`).
+        opset: the requested opset.
+        optimize: run onnxscript's optimizer.
+        external: save the weights as external data.
+    """
+
+    call: _VariantCall
+    path: Path
+    table: dict[Any, Any]
+    opset: int
+    optimize: bool
+    external: bool
+
+    def write(self, exported: torch.export.ExportedProgram) -> dict[str, Any]:
+        """Write and check the model; returns the op finalizers' stats for the manifest."""
+        import onnx
+
+        try:
+            with _quiet():
+                onnx_program = torch.onnx.export(
+                    exported,
+                    self.call.args,
+                    dynamo=True,
+                    input_names=list(self.call.input_names),
+                    output_names=list(self.call.output_names),
+                    opset_version=self.opset,
+                    custom_translation_table=self.table or None,
+                    # Optimized below, after the lowerings' constants are in place and without
+                    # inlining the accelkit local functions (a TensorRT build swaps them for plugins).
+                    optimize=False,
+                    verbose=False,
+                )
+        except Exception as error:  # noqa: BLE001
+            cause = _find_cause(error, (OnnxExportError, LoweringError))
+            if isinstance(cause, OnnxExportError):
+                raise cause from error
+            if cause is not None:
+                raise OnnxExportError(str(cause)) from error
+            raise OnnxExportError(
+                f"ONNX conversion of variant '{self.call.name}' failed: {_first_line(error)}"
+            ) from error
+        stats = finalize_model(onnx_program.model)
+        if self.optimize:
+            _optimize(onnx_program.model)
+        with _quiet():
+            onnx_program.save(str(self.path), external_data=self.external)
+        # The path form of the checker handles models with external data beyond 2 GiB.
+        try:
+            onnx.checker.check_model(str(self.path))
+        except Exception as error:  # noqa: BLE001
+            raise OnnxExportError(f"{self.path.name} fails the ONNX checker: {_first_line(error)}") from error
+        return stats
+
+    def session(self) -> Any:
+        import onnxruntime as ort
+
+        return ort.InferenceSession(
+            str(self.path), sess_options=onnxruntime_session_options(), providers=["CPUExecutionProvider"]
+        )
+
+    def compare(self, session: Any, rows: list[int] | None = None) -> dict[str, float]:
+        """Relative error per output on the example arguments (only ``rows`` of the batch when given)."""
+        call = self.call
+        args, expected, what = call.args, call.reference, ""
+        if rows is not None:
+            args = tuple(_rows(a, rows, call.batch) for a in args)
+            expected = tuple(_rows(r, rows, call.batch) for r in expected)
+            what = f" at batch {len(rows)}"
+        return _compare(
+            self.path, session, list(call.input_names), list(call.output_names), args, expected,
+            call.eight_bit, what,
+        )  # fmt: skip
+
+
+def _export_dynamic_batch(writer: _OnnxWriter, verify: bool) -> dict[str, Any]:
+    """Export with a dynamic batch and check batch 1 and batch + 1; raises :class:`_DynamicBatchFailed`."""
+    call = writer.call
+    dynamic_module, _ = _symbolic_batch(call.module, call.carries, call.batch)
+    try:
+        exported = _torch_export(dynamic_module, call.args, _batch_dynamic_shapes(call.carries))
+    except Exception as error:  # noqa: BLE001 - any failure means: fall back to a static batch
+        raise _DynamicBatchFailed(f"dynamic batch export failed: {_first_line(error)}") from error
+    stats = writer.write(exported)
+    if call.input_names and not _onnx_dim_is_symbolic(writer.path, call.input_names[0]):
+        raise _DynamicBatchFailed("the exporter kept the batch dimension static")
+    if verify:
+        # Denoiser rows are independent: batch 1 and batch + 1 (row 0 repeated) must give the
+        # matching rows of the captured batch's output; a misplaced batch size would not.
+        session = writer.session()
+        for rows in ([0], [*range(call.batch), 0]):
+            try:
+                writer.compare(session, rows)
+            except OnnxExportError as error:
+                raise _DynamicBatchFailed(str(error)) from error
+    return stats
+
+
+def _export_static_batch(writer: _OnnxWriter) -> dict[str, Any]:
+    call = writer.call
+    try:
+        exported = _torch_export(call.module, call.args, None)
+    except Exception as error:  # noqa: BLE001
+        raise OnnxExportError(f"torch.export of the graph variant failed: {_first_line(error)}") from error
+    return writer.write(exported)
+
+
+def _io_entries(call: _VariantCall, dynamic: bool) -> tuple[list[dict], list[dict]]:
+    """Manifest ``inputs`` and ``outputs`` of a variant (``"batch"`` where dim 0 is dynamic)."""
+
+    def batched(value: torch.Tensor) -> bool:
+        return dynamic and value.dim() >= 1 and int(value.shape[0]) == call.batch
+
+    inputs = [
+        _io_entry(onnx_name, role, value, role != "scalar" and batched(value), source)
+        for onnx_name, (role, source), value in zip(call.input_names, call.sources, call.args, strict=True)
+    ]
+    outputs = [
+        _io_entry(onnx_name, "user" if source is None else "state", value, batched(value), source)
+        for onnx_name, source, value in zip(call.output_names, call.output_sources, call.reference, strict=True)
+    ]
+    return inputs, outputs
+
+
 def _export_variant(
     name: str,
     variant: GraphVariant,
@@ -524,188 +687,53 @@ def _export_variant(
     verify: bool,
     optimize: bool,
 ) -> tuple[dict[str, Any], tuple[torch.Tensor, ...]]:
+    """Export, check and describe one variant; returns its manifest entry and PyTorch outputs."""
     import onnx
-    import onnxruntime as ort
 
-    from accelkit.export.lowerings import finalize_model
-
-    graph = program.graph
-    num_user = graph.num_user_outputs
-    module = _prepare_module(variant.module)
-    table = _translation_table(module)
-    missing = [s for s in variant.state_inputs if s not in states]
-    if missing:
-        raise OnnxExportError(f"variant '{name}' reads state {missing} that no exported variant writes")
-    user_args = [user_inputs[n] for n in graph.input_names]
-    state_args = [states[s] for s in variant.state_inputs]
-    scalar_args = [scalars[s] for s in variant.scalar_inputs]
-    args = tuple(user_args + state_args + scalar_args)
-
-    with torch.no_grad():
-        reference = tuple(variant.module(*args))
-    if len(reference) != num_user + len(variant.state_outputs):
-        raise OnnxExportError(
-            f"variant '{name}' returns {len(reference)} outputs, expected {num_user} user + "
-            f"{len(variant.state_outputs)} state outputs"
-        )
-
-    input_names = [
-        *graph.input_names,
-        *(sanitize_name(s) for s in variant.state_inputs),
-        *(sanitize_name(s) for s in variant.scalar_inputs),
-    ]
-    if len(set(input_names)) != len(input_names):
-        raise OnnxExportError(f"variant '{name}': input names collide after sanitizing: {input_names}")
-    output_names = [f"out{i}" for i in range(num_user)]
-    for state in variant.state_outputs:
-        candidate = sanitize_name(state)
-        # A variant that reads and writes the same state needs two ONNX names for it.
-        if candidate in input_names or candidate in output_names:
-            candidate = f"{candidate}_out"
-        output_names.append(candidate)
-
-    batch = int(user_args[0].shape[0]) if user_args and user_args[0].dim() >= 1 else 1
-    carries = _carries_batch(args, batch)
-    fp8_activations = _uses_fp8_activations(module)
-    path = directory / f"{name}.onnx"
+    call = _variant_call(name, variant, program, user_inputs, states, scalars)
     external = _weights_bytes(variant.module) > EXTERNAL_DATA_BYTES
-
-    def to_onnx(exported: torch.export.ExportedProgram) -> dict[str, Any]:
-        """Convert, finish the lowerings, optimize, save and check ``path``; the lowering stats."""
-        try:
-            with _quiet():
-                onnx_program = torch.onnx.export(
-                    exported,
-                    args,
-                    dynamo=True,
-                    input_names=input_names,
-                    output_names=output_names,
-                    opset_version=opset,
-                    custom_translation_table=table or None,
-                    # Optimized below, after the lowerings' constants are in place and without
-                    # inlining the accelkit local functions (a TensorRT build swaps them for plugins).
-                    optimize=False,
-                    verbose=False,
-                )
-        except Exception as error:  # noqa: BLE001
-            lowering_error = _find_cause(error, OnnxExportError)
-            if lowering_error is not None:
-                raise lowering_error from error
-            raise OnnxExportError(
-                f"ONNX conversion of variant '{name}' failed: {_first_line(error)}"
-            ) from error
-        lowered = finalize_model(onnx_program.model)
-        if optimize:
-            _optimize(onnx_program.model)
-        with _quiet():
-            onnx_program.save(str(path), external_data=external)
-        # The path form of the checker handles models with external data beyond 2 GiB.
-        try:
-            onnx.checker.check_model(str(path))
-        except Exception as error:  # noqa: BLE001
-            raise OnnxExportError(f"{path.name} fails the ONNX checker: {_first_line(error)}") from error
-        return lowered
-
-    def session() -> Any:
-        return ort.InferenceSession(
-            str(path), sess_options=onnxruntime_session_options(), providers=["CPUExecutionProvider"]
-        )
-
+    writer = _OnnxWriter(
+        call=call, path=directory / f"{name}.onnx", table=translation_table(call.module), opset=opset,
+        optimize=optimize, external=external,
+    )  # fmt: skip
     started = time.perf_counter()
-    dynamic, fallback_reason, lowered = False, None, None
-    if dynamic_batch and any(carries):
+    dynamic, fallback_reason, stats = False, None, {}
+    if dynamic_batch and any(call.carries):
         try:
-            dynamic_module, _ = _symbolic_batch(module, carries, batch)
-            try:
-                exported = _torch_export(dynamic_module, args, _batch_dynamic_shapes(carries))
-            except Exception as error:  # noqa: BLE001 - any failure means: fall back to a static batch
-                raise _DynamicBatchFailed(f"dynamic batch export failed: {_first_line(error)}") from error
-            lowered = to_onnx(exported)
-            if graph.input_names and not _onnx_dim_is_symbolic(path, graph.input_names[0]):
-                raise _DynamicBatchFailed("the exporter kept the batch dimension static")
-            if verify:
-                # Denoiser rows are independent: batch 1 and batch + 1 (row 0 repeated) must give the
-                # matching rows of the captured batch's output; a misplaced batch size would not.
-                model_session = session()
-                for rows in ([0], [*range(batch), 0]):
-                    try:
-                        _compare(
-                            path, model_session, input_names, output_names,
-                            tuple(_rows(a, rows, batch) for a in args),
-                            tuple(_rows(r, rows, batch) for r in reference),
-                            fp8_activations, f" at batch {len(rows)}",
-                        )  # fmt: skip
-                    except OnnxExportError as error:
-                        raise _DynamicBatchFailed(str(error)) from error
-            dynamic = True
+            stats, dynamic = _export_dynamic_batch(writer, verify), True
         except _DynamicBatchFailed as failure:
-            fallback_reason = f"{failure}; exported with the captured batch {batch} instead"
+            fallback_reason = f"{failure}; exported with the captured batch {call.batch} instead"
             logger.warning("ONNX export of variant '%s': %s", name, fallback_reason)
     if not dynamic:
-        try:
-            exported = _torch_export(module, args, None)
-        except Exception as error:  # noqa: BLE001
-            raise OnnxExportError(
-                f"torch.export of the graph variant failed: {_first_line(error)}"
-            ) from error
-        lowered = to_onnx(exported)
+        stats = _export_static_batch(writer)
     export_seconds = time.perf_counter() - started
-    model = onnx.load(str(path), load_external_data=False)
+    model = onnx.load(str(writer.path), load_external_data=False)
     actual_opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), opset)
-
-    errors: dict[str, float] = {}
-    if verify:
-        errors = _compare(path, session(), input_names, output_names, args, reference, fp8_activations, "")
-
-    inputs = [
-        _io_entry(n, "user", a, dynamic and a.dim() >= 1 and int(a.shape[0]) == batch)
-        for n, a in zip(graph.input_names, user_args, strict=True)
-    ]
-    inputs += [
-        _io_entry(sanitize_name(s), "state", a, dynamic and a.dim() >= 1 and int(a.shape[0]) == batch, s)
-        for s, a in zip(variant.state_inputs, state_args, strict=True)
-    ]
-    inputs += [
-        _io_entry(sanitize_name(s), "scalar", a, False, s)
-        for s, a in zip(variant.scalar_inputs, scalar_args, strict=True)
-    ]
-    outputs_meta = []
-    for index, (out_name, value) in enumerate(zip(output_names, reference, strict=True)):
-        is_state = index >= num_user
-        source = variant.state_outputs[index - num_user] if is_state else None
-        outputs_meta.append(
-            _io_entry(
-                out_name,
-                "state" if is_state else "user",
-                value,
-                dynamic and value.dim() >= 1 and int(value.shape[0]) == batch,
-                source,
-            )
-        )
+    errors = writer.compare(writer.session()) if verify else {}
+    inputs, outputs = _io_entries(call, dynamic)
     entry = {
         "variant": name,
-        "file": path.name,
+        "file": writer.path.name,
         "opset": int(actual_opset),
         "inputs": inputs,
-        "outputs": outputs_meta,
+        "outputs": outputs,
         "dynamic_batch": bool(dynamic),
         "dynamic_batch_note": fallback_reason,
         "optimized": bool(optimize),
-        "int4_weights": lowered["int4_weights"],
-        "sparse_attention_calls": lowered["sparse_attention_calls"],
+        **stats,
         "external_data": bool(external),
         "verification": {
             "provider": "CPUExecutionProvider",
             "relative_error": errors,
             "max_relative_error": max(errors.values(), default=0.0),
-            "tolerance": max((_tolerance(r, fp8_activations) for r in reference), default=0.0),
-            "checked_batches": sorted({batch, 1, batch + 1}) if dynamic else [batch],
+            "tolerance": max((_tolerance(r, call.eight_bit) for r in call.reference), default=0.0),
+            "checked_batches": sorted({call.batch, 1, call.batch + 1}) if dynamic else [call.batch],
         }
         if verify
         else None,
         "export_seconds": round(export_seconds, 3),
     }
-    return entry, reference
+    return entry, call.reference
 
 
 def _sha256(path: Path) -> str:
@@ -809,11 +837,9 @@ def export_program_onnx(
     if unknown:
         raise OnnxExportError(f"program has no variant(s) {unknown}; it has {sorted(program.variants)}")
     # Refuse unknown custom ops up front, before any (slow) tracing.
-    from accelkit.export.lowerings import register_builtin_lowerings
-
-    register_builtin_lowerings()
+    load_builtin_ops()
     for name in selected:
-        _translation_table(program.variants[name].module)
+        translation_table(program.variants[name].module)
 
     # Scalars are fed non-zero so the Taylor term is exercised by the verification.
     scalars = {}

@@ -9,8 +9,9 @@ section the runner replays the schedule from.
 
 Everything up to the builder call is plain Python over the ONNX files and is tested on CPU:
 optimization profiles from the manifest shapes, precision read from the ONNX types, the refit
-weight map (ONNX initializer -> plan weight name), the rewrite of accelkit's block-sparse attention
-function into a plugin node, and the manifest. The code that touches ``tensorrt`` lives in
+weight map (ONNX initializer -> plan weight name), the rewrite of the ONNX local functions that a
+registered op's TensorRT plugin replaces (:class:`accelkit.kernels.registry.TensorRTPlugin`) into
+plugin nodes, and the manifest. The code that touches ``tensorrt`` lives in
 :class:`TensorRTToolchain` and a few small functions; tests substitute a fake toolchain.
 
 Precision in strongly typed networks: TensorRT infers every tensor's type from the network's inputs
@@ -32,6 +33,7 @@ from typing import Any
 
 from accelkit._io import atomic_directory, atomic_write_bytes, atomic_write_json
 from accelkit.errors import InputError, PlanMismatchError
+from accelkit.kernels.registry import TensorRTPlugin, load_builtin_ops
 
 ENGINE_MANIFEST_NAME = "manifest.json"
 ENGINE_MANIFEST_SCHEMA = 1
@@ -39,18 +41,6 @@ ENGINE_SUFFIX = ".engine"
 # Python plugins with ahead-of-time kernels (tensorrt.plugin.aot_impl) arrived in 10.9.
 MIN_TENSORRT = (10, 9)
 INSTALL_HINT = "install accelkit[tensorrt] on a machine with an NVIDIA GPU (TensorRT >= 10.9)"
-
-# The plugin that replaces accelkit's block-sparse attention when engines are built.
-BLOCK_SPARSE_PLUGIN_NAMESPACE = "accelkit"
-BLOCK_SPARSE_PLUGIN_NAME = "block_sparse_attention"
-BLOCK_SPARSE_PLUGIN_ID = f"{BLOCK_SPARSE_PLUGIN_NAMESPACE}::{BLOCK_SPARSE_PLUGIN_NAME}"
-# The lowerings module's names for these (read from it when present; see _lowering_constant).
-DEFAULT_BLOCK_SPARSE_FUNCTION = ("accelkit", "BlockSparseAttention")
-DEFAULT_INT4_WEIGHT_FUNCTION = ("accelkit.export", "Int4BlockWeight")
-
-# The plugin's kernel is accelkit's Triton kernel, compiled to PTX while the engine is built
-# (accelkit/export/tensorrt_plugins.py): without triton there is nothing to embed.
-BLOCK_SPARSE_NEEDS_TRITON = "building engines for a sparse plan needs triton (pip install accelkit[gpu])"
 
 # FP8 tensor cores: Ada (8.9) and Hopper (9.0) onwards.
 FP8_MIN_COMPUTE_CAPABILITY = (8, 9)
@@ -60,17 +50,15 @@ REFIT_MODES = ("none", "refit", "refit_identical")
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "BLOCK_SPARSE_NEEDS_TRITON",
-    "BLOCK_SPARSE_PLUGIN_ID",
     "ENGINE_MANIFEST_NAME",
     "INSTALL_HINT",
     "TensorRTBuildConfig",
     "TensorRTExportError",
     "TensorRTToolchain",
     "TensorRTUnavailableError",
-    "block_sparse_attention_output_shape",
     "build_engines",
     "check_plugin_node",
+    "plugin_specs",
     "optimization_profile",
     "onnx_precision",
     "plan_precision",
@@ -276,9 +264,9 @@ def onnx_precision(model: Any) -> dict[str, Any]:
             for attribute in node.attribute:
                 if attribute.name == "output_dtype" and attribute.i in _FP8_TYPES:
                     fp8 = True
-    # The INT4 lowering packs nibbles into uint8 and unpacks them in a local function.
-    int4_function = _lowering_constant("INT4_WEIGHT_FUNCTION", DEFAULT_INT4_WEIGHT_FUNCTION)
-    int4 = int4 or any((n.domain, n.op_type) == int4_function for n in model.graph.node)
+    # A lowering may mark INT4 weights with a node of its own (its op spec's precision facts).
+    int4_nodes = {n for spec in load_builtin_ops().values() for n in spec.precision.int4_weight_nodes}
+    int4 = int4 or any((n.domain, n.op_type) in int4_nodes for n in model.graph.node)
     weights = sorted(t for t in initializer_types if t in _FLOAT_TYPES.values())
     base = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
     compute = [base[t] for t in input_types if t in base] or [base[t] for t in weights if t in base]
@@ -374,98 +362,90 @@ def refit_weight_map(model: Any, weight_names: Mapping[str, str] | Iterable[str]
     return {"weights": weights, "derived": derived}
 
 
-# ---------------------------------------------------------------- block-sparse attention plugin
+# ---------------------------------------------------------------- plugins of registered ops
 
 
-def _lowering_constant(name: str, default: tuple[str, str]) -> tuple[str, str]:
-    """A (domain, function name) constant of :mod:`accelkit.export.lowerings`, ``default`` without it."""
-    try:
-        from accelkit.export import lowerings
-    except ImportError:
-        return default
-    value = getattr(lowerings, name, None)
-    if isinstance(value, tuple) and len(value) == 2:
-        return (str(value[0]), str(value[1]))
-    return default
+def plugin_specs() -> dict[str, TensorRTPlugin]:
+    """The TensorRT plugins of the registered ops (every built-in op imported), by plugin id."""
+    return {spec.tensorrt.plugin_id: spec.tensorrt for spec in load_builtin_ops().values() if spec.tensorrt}
 
 
-def block_sparse_function_id() -> tuple[str, str]:
-    """(domain, name) of the ONNX local function block-sparse attention is exported as."""
-    return _lowering_constant("BLOCK_SPARSE_ATTENTION_FUNCTION", DEFAULT_BLOCK_SPARSE_FUNCTION)
-
-
-def check_plugin_node(node: Any) -> None:
-    """Refuse a block-sparse attention plugin node whose block sizes the Triton kernel cannot tile.
-
-    The same check runs again inside the plugin's AOT implementation; here it fails before TensorRT
-    is touched, with the node named.
-    """
+def check_plugin_node(node: Any, plugin: TensorRTPlugin) -> None:
+    """Refuse a plugin node whose attributes the plugin cannot build, before TensorRT is touched."""
     import onnx
 
+    if plugin.check_attributes is None:
+        return
     attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-    block_q, block_k = attributes.get("block_q"), attributes.get("block_k")
-    if not all(isinstance(b, int) and b > 0 and b % 16 == 0 for b in (block_q, block_k)):
-        raise TensorRTExportError(
-            f"block-sparse attention node '{node.name or node.output[0]}' has block_q={block_q}, "
-            f"block_k={block_k}: the TensorRT plugin's Triton kernel needs positive multiples of 16"
-        )
+    reason = plugin.check_attributes(attributes)
+    if reason:
+        raise TensorRTExportError(f"{plugin.name} node '{node.name or node.output[0]}' {reason}")
 
 
-def block_sparse_attention_output_shape(q_shape: Sequence[Any], v_shape: Sequence[Any]) -> tuple[Any, ...]:
-    """Output shape of block-sparse attention: ``(B, H, Lq, Dv)`` from q ``(B, H, Lq, D)`` and v ``(B, H, Lk, Dv)``.
+def _rewrite_plugin_calls(model: Any) -> tuple[Any, dict[str, int]]:
+    """:func:`rewrite_plugin_calls` with the count per plugin id (plugins with no call left out)."""
+    import onnx
 
-    Works on ints and on TensorRT's symbolic shape expressions alike (only indexing is used), so the
-    plugin's shape function is this one.
-    """
-    if len(q_shape) != 4 or len(v_shape) != 4:
-        raise ValueError(f"block-sparse attention takes 4-d q and v, got ranks {len(q_shape)} and {len(v_shape)}")
-    return (q_shape[0], q_shape[1], q_shape[2], v_shape[3])
+    plugins = {p.onnx_function: p for p in plugin_specs().values()}
+    rewritten = onnx.ModelProto()
+    rewritten.CopyFrom(model)
+    counts: dict[str, int] = {}
+    for node in rewritten.graph.node:
+        plugin = plugins.get((node.domain, node.op_type))
+        if plugin is None:
+            continue
+        node.op_type = plugin.name
+        node.domain = ""
+        kept = [a for a in node.attribute if a.name not in ("plugin_namespace", "plugin_version")]
+        del node.attribute[:]
+        node.attribute.extend(kept)
+        node.attribute.append(onnx.helper.make_attribute("plugin_namespace", plugin.namespace))
+        node.attribute.append(onnx.helper.make_attribute("plugin_version", plugin.version))
+        counts[plugin.plugin_id] = counts.get(plugin.plugin_id, 0) + 1
+    if counts:
+        replaced = {p.onnx_function for p in plugins.values() if p.plugin_id in counts}
+        functions = [f for f in rewritten.functions if (f.domain, f.name) not in replaced]
+        del rewritten.functions[:]
+        rewritten.functions.extend(functions)
+    return rewritten, counts
 
 
 def rewrite_plugin_calls(model: Any) -> tuple[Any, int]:
-    """A copy of ``model`` where calls of the block-sparse attention function are plugin nodes.
+    """A copy of ``model`` where calls of a registered op's ONNX local function are plugin nodes.
 
     TensorRT's ONNX parser may inline a local function instead of looking for a plugin; a node whose
     ``op_type`` is the plugin name with ``plugin_namespace`` / ``plugin_version`` attributes is
-    unambiguous. The function itself is dropped (the copy is only for the parser).
+    unambiguous. The replaced functions are dropped (the copy is only for the parser).
 
     Returns:
         ``(model copy, number of rewritten nodes)``.
     """
-    import onnx
+    rewritten, counts = _rewrite_plugin_calls(model)
+    return rewritten, sum(counts.values())
 
-    domain, name = block_sparse_function_id()
-    rewritten = onnx.ModelProto()
-    rewritten.CopyFrom(model)
-    count = 0
-    for node in rewritten.graph.node:
-        if node.domain == domain and node.op_type == name:
-            node.op_type = BLOCK_SPARSE_PLUGIN_NAME
-            node.domain = ""
-            kept = [a for a in node.attribute if a.name not in ("plugin_namespace", "plugin_version")]
-            del node.attribute[:]
-            node.attribute.extend(kept)
-            node.attribute.append(onnx.helper.make_attribute("plugin_namespace", BLOCK_SPARSE_PLUGIN_NAMESPACE))
-            node.attribute.append(onnx.helper.make_attribute("plugin_version", "1"))
-            count += 1
-    if count:
-        functions = [f for f in rewritten.functions if not (f.domain == domain and f.name == name)]
-        del rewritten.functions[:]
-        rewritten.functions.extend(functions)
-    return rewritten, count
+
+def _check_plugin_nodes(file: str, model: Any, counts: Mapping[str, int]) -> None:
+    """Refuse plugins that cannot be built here (a missing compiler) or nodes they cannot build."""
+    plugins = plugin_specs()
+    by_name = {plugins[plugin_id].name: plugins[plugin_id] for plugin_id in counts}
+    for plugin in by_name.values():
+        reason = plugin.unavailable() if plugin.unavailable is not None else None
+        if reason:
+            raise TensorRTExportError(f"{file}: {reason}")
+    for node in model.graph.node:
+        if node.op_type in by_name and node.domain == "":
+            check_plugin_node(node, by_name[node.op_type])
 
 
 _PLUGINS_REGISTERED = False
 
 
 def register_tensorrt_plugins() -> None:
-    """Register accelkit's plugins with TensorRT (once per process).
+    """Register the registered ops' TensorRT plugins with TensorRT (once per process).
 
-    ``accelkit::block_sparse_attention``: the descriptor (inputs, attributes, output shape) and, when
-    triton imports, the ahead-of-time implementation
-    (:func:`accelkit.export.tensorrt_plugins.register_block_sparse_aot_impl`), which compiles the
-    Triton kernel for the build GPU; :func:`build_engines` refuses sparse models without triton
-    before any TensorRT work starts.
+    Each plugin's ``register`` function (named by its op spec) registers the descriptor and, where it
+    can be built here, the implementation; :func:`build_engines` refuses models whose plugins cannot
+    be built before any TensorRT work starts.
     """
     global _PLUGINS_REGISTERED
     if _PLUGINS_REGISTERED:
@@ -473,26 +453,10 @@ def register_tensorrt_plugins() -> None:
     require_tensorrt()
     import tensorrt.plugin as trtp
 
-    def block_sparse_attention_desc(q, k, v, kv_block_counts, kv_block_indices, block_q, block_k, scale):
-        shape = block_sparse_attention_output_shape(list(q.shape_expr), list(v.shape_expr))
-        return trtp.from_shape_expr(tuple(shape), dtype=q.dtype)
+    from accelkit.kernels.registry import load_object
 
-    # trtp.register reads the signature's annotations as classes (issubclass(annotation, TensorDesc));
-    # this module's postponed annotations would hand it strings, so they are set as objects here.
-    block_sparse_attention_desc.__annotations__ = {
-        **{name: trtp.TensorDesc for name in ("q", "k", "v", "kv_block_counts", "kv_block_indices")},
-        "block_q": int,
-        "block_k": int,
-        "scale": float,
-        "return": trtp.TensorDesc,
-    }
-    trtp.register(BLOCK_SPARSE_PLUGIN_ID)(block_sparse_attention_desc)
-    from accelkit.kernels._backend import triton_importable
-
-    if triton_importable():
-        from accelkit.export.tensorrt_plugins import register_block_sparse_aot_impl
-
-        register_block_sparse_aot_impl(trtp, BLOCK_SPARSE_PLUGIN_ID)
+    for plugin_id, plugin in plugin_specs().items():
+        load_object(plugin.register)(trtp, plugin_id)
     _PLUGINS_REGISTERED = True
 
 
@@ -545,7 +509,7 @@ class TensorRTToolchain:
         """Parse ``onnx_path`` into a strongly typed network and build one engine with ``profile``.
 
         ``model``: the serialized ONNX to parse instead of the file's content (the copy whose
-        block-sparse attention calls are plugin nodes); external data still resolve next to ``onnx_path``.
+        registered ops' local functions are plugin nodes); external data still resolve next to ``onnx_path``.
         """
         trt = self.trt
         register_tensorrt_plugins()
@@ -635,8 +599,9 @@ def build_engines(
 
     Raises:
         TensorRTUnavailableError: TensorRT is missing or too old.
-        TensorRTExportError: a model calls block-sparse attention and triton is missing (its plugin
-            kernel is compiled at build time) or the block sizes do not tile, a model lacks the FP8
+        TensorRTExportError: a model calls a plugin that cannot be built here (block-sparse attention
+            without triton: its kernel is compiled at build time) or with attributes it cannot build
+            (block sizes that do not tile), a model lacks the FP8
             the plan promises, or the parser/builder refused it.
     """
     import onnx
@@ -660,16 +625,10 @@ def build_engines(
     for entry in entries:
         path = onnx_dir / entry["file"]
         model = onnx.load(str(path), load_external_data=False)
-        rewritten, plugin_calls = rewrite_plugin_calls(model)
+        rewritten, plugin_calls = _rewrite_plugin_calls(model)
         parse_model = None
         if plugin_calls:
-            from accelkit.kernels._backend import triton_importable
-
-            if not triton_importable():
-                raise TensorRTExportError(f"{entry['file']}: {BLOCK_SPARSE_NEEDS_TRITON}")
-            for node in rewritten.graph.node:
-                if node.op_type == BLOCK_SPARSE_PLUGIN_NAME:
-                    check_plugin_node(node)
+            _check_plugin_nodes(entry["file"], rewritten, plugin_calls)
             parse_model = rewritten.SerializeToString()
         precision = onnx_precision(model)
         names = weight_names if weight_names is not None else [i.name for i in model.graph.initializer]
@@ -705,7 +664,7 @@ def build_engines(
                     "outputs": list(entry["outputs"]),
                     "dynamic_batch": bool(entry.get("dynamic_batch")),
                     "precision": precision,
-                    "plugins": {BLOCK_SPARSE_PLUGIN_ID: plugin_calls} if plugin_calls else {},
+                    "plugins": plugin_calls,
                     "refit": {
                         "mode": config.refit,
                         "weights_stripped": config.strip_weights,

@@ -14,7 +14,7 @@ That schedule/state logic lives in :class:`ScheduleReplayRunner`, which the Tens
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -353,28 +353,29 @@ class OrtProgramRunner(ScheduleReplayRunner):
         return tensor if device is None else tensor.to(device=device)
 
 
-class OnnxAcceleratedPipeline(AcceleratedPipeline):
-    """:class:`AcceleratedPipeline` whose denoiser steps run in onnxruntime.
+def apply_runner(
+    pipe: Any,
+    program: Program,
+    make_runner: Callable[[Program], ScheduleReplayRunner],
+    *,
+    call_defaults: dict[str, Any] | None = None,
+    caller: str = "apply_runner",
+) -> AcceleratedPipeline:
+    """Accelerate ``pipe`` with a runner that replays ``program``'s schedule over exported variants.
+
+    The onnxruntime and TensorRT entry points (:func:`apply_onnx`, ``apply_tensorrt``) are this with
+    their runner.
 
     Args:
-        pipe: the diffusers pipeline (modified in place until :meth:`restore`).
-        program: the program the ONNX export was made from.
-        directory: the export folder.
-        providers: onnxruntime execution providers (default: CPU).
+        pipe: the diffusers pipeline (modified in place until ``restore()``).
+        program: the program the export was made from (checked against the export's manifest).
+        make_runner: ``program -> runner`` (an :class:`OrtProgramRunner`, a ``TrtProgramRunner``).
         call_defaults: pipeline arguments applied when the caller omits them.
+        caller: the public function's name, for the error message.
     """
-
-    def __init__(
-        self,
-        pipe: Any,
-        program: Program,
-        directory: str | Path,
-        *,
-        providers: Sequence[Any] | None = None,
-        call_defaults: dict[str, Any] | None = None,
-    ) -> None:
-        super().__init__(pipe, program, call_defaults=call_defaults,
-                         executor=OrtProgramRunner(directory, program, providers=providers))
+    if not isinstance(program, Program):
+        raise InputError(f"{caller}() needs a Program, got {type(program).__name__}")
+    return AcceleratedPipeline(pipe, program, call_defaults=call_defaults, executor=make_runner(program))
 
 
 def apply_onnx(
@@ -384,8 +385,8 @@ def apply_onnx(
     *,
     providers: Sequence[Any] | None = None,
     call_defaults: dict[str, Any] | None = None,
-) -> OnnxAcceleratedPipeline:
-    """Accelerate ``pipe`` with the ONNX export of ``program`` in ``directory``.
+) -> AcceleratedPipeline:
+    """Accelerate ``pipe`` with the ONNX export of ``program`` in ``directory`` (steps run in onnxruntime).
 
     Args:
         pipe: the diffusers pipeline.
@@ -394,6 +395,7 @@ def apply_onnx(
         providers: onnxruntime execution providers (default: CPU).
         call_defaults: pipeline arguments applied when the caller omits them.
     """
-    if not isinstance(program, Program):
-        raise InputError(f"apply_onnx() needs a Program, got {type(program).__name__}")
-    return OnnxAcceleratedPipeline(pipe, program, directory, providers=providers, call_defaults=call_defaults)
+    return apply_runner(
+        pipe, program, lambda p: OrtProgramRunner(directory, p, providers=providers),
+        call_defaults=call_defaults, caller="apply_onnx",
+    )  # fmt: skip

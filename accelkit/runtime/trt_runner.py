@@ -24,10 +24,10 @@ import torch
 
 from accelkit.errors import InputError
 from accelkit.passes.base import Program
-from accelkit.runtime.ort_runner import ProgramMeta, ScheduleReplayRunner, VariantMeta
+from accelkit.runtime.ort_runner import ProgramMeta, ScheduleReplayRunner, VariantMeta, apply_runner
 from accelkit.runtime.pipeline import AcceleratedPipeline
 
-__all__ = ["EngineBackend", "TensorRTAcceleratedPipeline", "TensorRTEngines", "TrtProgramRunner", "apply_tensorrt"]
+__all__ = ["EngineBackend", "TensorRTEngines", "TrtProgramRunner", "apply_tensorrt"]
 
 _TORCH_DTYPES = {
     "float32": torch.float32,
@@ -197,30 +197,6 @@ class TrtProgramRunner(ScheduleReplayRunner):
         return value if device is None else value.to(device=device)
 
 
-class TensorRTAcceleratedPipeline(AcceleratedPipeline):
-    """:class:`AcceleratedPipeline` whose denoiser steps run TensorRT engines.
-
-    Args:
-        pipe: the diffusers pipeline (modified in place until :meth:`restore`).
-        program: the program the engines were built from.
-        directory: the engine folder.
-        backend: what runs an engine (default: TensorRT).
-        call_defaults: pipeline arguments applied when the caller omits them.
-    """
-
-    def __init__(
-        self,
-        pipe: Any,
-        program: Program,
-        directory: str | Path,
-        *,
-        backend: EngineBackend | None = None,
-        call_defaults: dict[str, Any] | None = None,
-    ) -> None:
-        super().__init__(pipe, program, call_defaults=call_defaults,
-                         executor=TrtProgramRunner(directory, program, backend=backend))
-
-
 def apply_tensorrt(
     pipe: Any,
     program: Program,
@@ -228,8 +204,8 @@ def apply_tensorrt(
     *,
     backend: EngineBackend | None = None,
     call_defaults: dict[str, Any] | None = None,
-) -> TensorRTAcceleratedPipeline:
-    """Accelerate ``pipe`` with the engines built from ``program`` in ``directory``.
+) -> AcceleratedPipeline:
+    """Accelerate ``pipe`` with the engines built from ``program`` in ``directory`` (steps run in TensorRT).
 
     Args:
         pipe: the diffusers pipeline.
@@ -238,6 +214,7 @@ def apply_tensorrt(
         backend: what runs an engine (default: TensorRT on the current CUDA device).
         call_defaults: pipeline arguments applied when the caller omits them.
     """
-    if not isinstance(program, Program):
-        raise InputError(f"apply_tensorrt() needs a Program, got {type(program).__name__}")
-    return TensorRTAcceleratedPipeline(pipe, program, directory, backend=backend, call_defaults=call_defaults)
+    return apply_runner(
+        pipe, program, lambda p: TrtProgramRunner(directory, p, backend=backend),
+        call_defaults=call_defaults, caller="apply_tensorrt",
+    )  # fmt: skip

@@ -10,12 +10,14 @@ per image whatever the plan, and they are small next to the denoising loop.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import BuiltinFunctionType
 
 import torch
 from torch import fx
 
 from accelkit.capture.cost import graph_costs
 from accelkit.errors import InputError
+from accelkit.kernels.registry import op_call
 from accelkit.passes.base import Program
 
 aten = torch.ops.aten
@@ -68,9 +70,13 @@ def device_spec(name: str) -> DeviceSpec:
 
 
 def _dtype_name(node: fx.Node) -> str:
-    # W4A8/W4A4 linears run FP8 tensor-core dots whatever their output dtype.
-    if str(node.target).startswith("accelkit.svdq_linear") and len(node.args) > 8 and node.args[8] in ("w4a8", "w4a4"):
-        return "float8"
+    # A custom op may compute in another precision than its output's (FP8 dots of a 4-bit linear).
+    registered = op_call(node)
+    if registered is not None and registered[0].precision.compute_dtype is not None:
+        spec, call = registered
+        compute = spec.precision.compute_dtype(call)
+        if compute is not None:
+            return compute
     value = node.meta.get("val")
     dtype = getattr(value, "dtype", torch.float32)
     if dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
@@ -83,7 +89,7 @@ def module_cost(module: fx.GraphModule, spec: DeviceSpec) -> float:
     total = 0.0
     costs = graph_costs(module)
     for node in module.graph.nodes:
-        if node.op != "call_function" or node.target in _VIEW_OPS or str(node.target).startswith("<built-in"):
+        if node.op != "call_function" or node.target in _VIEW_OPS or isinstance(node.target, BuiltinFunctionType):
             continue
         cost = costs.get(node.name)
         if cost is None:

@@ -1,13 +1,16 @@
 """Block-sparse attention: reference (truth), Triton kernel, and the ``accelkit::block_sparse_attention`` op.
 
 Importing this package imports torch but not triton (``triton.py`` imports it lazily) and registers the
-custom op ``torch.ops.accelkit.block_sparse_attention``.
+custom op ``torch.ops.accelkit.block_sparse_attention``; :mod:`.mask_op` adds
+``torch.ops.accelkit.predict_block_mask``. Both ops' registry entries (cost, ONNX lowering, TensorRT
+plugin) are in :mod:`.registration`, imported here.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from . import registration as _registration  # noqa: F401  (registers the ops' specs)
 from .op import block_sparse_attention
 from .reference import (
     block_sparse_attention_reference,

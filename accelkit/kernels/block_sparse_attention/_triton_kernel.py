@@ -3,7 +3,7 @@
 Kept at module level (not in a closure) so Triton's compiler resolves ``tl`` from the module globals.
 See :mod:`.triton` for the algorithm. One body (:func:`_bsa_tile`), two entry points: :func:`_bsa_fwd`
 (the PyTorch launcher's: strides and scale at run time) and :func:`_bsa_fwd_trt` (TensorRT's AOT plugin
-convention: inputs, int32 extras, output; see :mod:`accelkit.export.tensorrt_plugins`).
+convention: inputs, int32 extras, output; see :mod:`.tensorrt_plugin`).
 
 Tiles along the keys: ``BLOCK_N <= MASK_BK`` walks each kept mask block in ``MASK_BK // BLOCK_N``
 pieces; ``BLOCK_N > MASK_BK`` gathers ``BLOCK_N // MASK_BK`` kept mask blocks (any positions) into one

@@ -1,14 +1,16 @@
 """SVDQuant 4-bit linear: reference (truth), Triton kernel, and the ``accelkit::svdq_linear`` op.
 
 Importing this package imports torch but not triton (``triton.py`` imports it lazily) and registers the
-custom op ``torch.ops.accelkit.svdq_linear``. The ONNX lowering lives in :mod:`.onnx` (imports
-onnxscript) and is registered by :func:`accelkit.kernels.svdq_linear.onnx.register`.
+custom op ``torch.ops.accelkit.svdq_linear`` with its registry entry (:mod:`.registration`: cost,
+precision, ONNX lowering). The lowering itself lives in :mod:`.onnx_lowering` (imports onnxscript) and
+is imported when an export runs.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from . import registration as _registration  # noqa: F401  (registers the op's spec)
 from .op import svdq_linear
 from .reference import (
     ACT_MODES,

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import accelkit.export.lowerings as lowerings
 import accelkit.export.onnx as onnx_export
 from accelkit.capture import capture, clone_graph_module
 from accelkit.errors import PlanMismatchError
@@ -268,7 +269,7 @@ def test_unknown_custom_op_is_refused_before_writing(tmp_path):
 def test_registered_lowering_is_used(tmp_path, monkeypatch):
     from onnxscript import opset18 as op
 
-    monkeypatch.setattr(onnx_export, "_LOWERINGS", {})  # the registration ends with this test
+    monkeypatch.setattr(lowerings, "_LOWERINGS", {})  # the registration ends with this test
 
     def lower_double(x):
         return op.Mul(x, op.CastLike(op.Constant(value_float=2.0), x))

@@ -1,4 +1,4 @@
-"""ONNX lowerings of accelkit's custom ops (accelkit/export/lowerings.py) and the dynamic batch of the export."""
+"""ONNX lowerings of accelkit's custom ops (accelkit/kernels/*/onnx_lowering.py) and the dynamic batch of the export."""
 
 from __future__ import annotations
 
@@ -11,11 +11,6 @@ from torch import nn
 
 import accelkit.export.onnx as onnx_export
 from accelkit.capture import capture
-from accelkit.export.lowerings import (
-    BLOCK_SPARSE_ATTENTION_ATTRIBUTES,
-    BLOCK_SPARSE_ATTENTION_FUNCTION,
-    BLOCK_SPARSE_ATTENTION_INPUTS,
-)
 from accelkit.export.onnx import OnnxExportError, export_program_onnx
 from accelkit.kernels.block_sparse_attention import block_sparse_attention
 from accelkit.kernels.block_sparse_attention.mask_op import (
@@ -26,6 +21,11 @@ from accelkit.kernels.block_sparse_attention.reference import (
     block_sparse_attention_reference,
     dense_mask_from_indices,
     num_blocks,
+)
+from accelkit.kernels.block_sparse_attention.registration import (
+    BLOCK_SPARSE_ATTENTION_ATTRIBUTES,
+    BLOCK_SPARSE_ATTENTION_FUNCTION,
+    BLOCK_SPARSE_ATTENTION_INPUTS,
 )
 from accelkit.kernels.svdq_linear import svdq_linear
 from accelkit.kernels.svdq_linear.reference import quantize_weight_int4, svdq_linear_reference

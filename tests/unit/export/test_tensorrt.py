@@ -24,15 +24,12 @@ from accelkit.capture import capture
 from accelkit.errors import InputError
 from accelkit.export.onnx import export_program_onnx
 from accelkit.export.tensorrt import (
-    BLOCK_SPARSE_PLUGIN_NAME,
     ENGINE_MANIFEST_NAME,
     INSTALL_HINT,
     EngineBuild,
     TensorRTBuildConfig,
     TensorRTExportError,
     TensorRTUnavailableError,
-    block_sparse_attention_output_shape,
-    block_sparse_function_id,
     build_engines,
     check_engine_compatible,
     check_precision,
@@ -47,6 +44,9 @@ from accelkit.export.tensorrt import (
     rewrite_plugin_calls,
     verify_engine_files,
 )
+from accelkit.kernels.block_sparse_attention.registration import PLUGIN_NAME as BLOCK_SPARSE_PLUGIN_NAME
+from accelkit.kernels.block_sparse_attention.tensorrt_plugin import block_sparse_attention_output_shape
+from accelkit.kernels.svdq_linear.registration import INT4_WEIGHT_FUNCTION
 from accelkit.passes.base import Program, run_passes
 from accelkit.passes.cache import CacheConfig
 from tests.fixtures.tiny_models import tiny_denoiser
@@ -162,15 +162,22 @@ def test_precision_follows_the_onnx_types(dit_export):
     assert fp8["fp8"] is True and fp8["label"] == "fp32+fp8"
     # INT4 weights arrive packed in uint8 and unpacked by the lowering's local function.
     packed = _tiny_model()
-    domain, name = tensorrt_export._lowering_constant("INT4_WEIGHT_FUNCTION", ("?", "?"))
+    domain, name = INT4_WEIGHT_FUNCTION
     packed.graph.node.append(helper.make_node(name, ["x"], ["w", "s"], domain=domain))
     assert onnx_precision(packed)["int4_weights"] is True and onnx_precision(_tiny_model())["int4_weights"] is False
 
 
+def block_sparse_function_id():
+    """(domain, name) of the ONNX local function the block-sparse plugin replaces (from the op registry)."""
+    return tensorrt_export.plugin_specs()["accelkit::block_sparse_attention"].onnx_function
+
+
 def test_function_names_agree_with_the_lowerings():
-    lowerings = pytest.importorskip("accelkit.export.lowerings")
+    lowerings = pytest.importorskip("accelkit.kernels.block_sparse_attention.onnx_lowering")
     assert block_sparse_function_id() == tuple(lowerings.BLOCK_SPARSE_ATTENTION_FUNCTION)
-    assert tuple(lowerings.BLOCK_SPARSE_ATTENTION_ATTRIBUTES) == ("block_q", "block_k", "scale")
+    function = lowerings.BlockSparseAttention.to_function_proto()
+    assert (function.domain, function.name) == block_sparse_function_id()
+    assert tuple(function.attribute) == ("block_q", "block_k", "scale")
 
 
 def test_plan_precision_and_its_checks():

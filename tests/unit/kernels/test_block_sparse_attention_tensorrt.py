@@ -1,4 +1,4 @@
-"""Tests of the block-sparse attention TensorRT plugin's AOT implementation (accelkit/export/tensorrt_plugins.py).
+"""Tests of the block-sparse attention TensorRT plugin's AOT implementation (accelkit/kernels/block_sparse_attention/tensorrt_plugin.py).
 
 On CPU: the TensorRT-convention kernel entry runs in Triton's interpreter against the reference; it
 compiles to sm_90 PTX whose entry takes exactly TensorRT's arguments (and ptxas accepts it); the
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from accelkit.export.tensorrt_plugins import (
+from accelkit.kernels.block_sparse_attention.tensorrt_plugin import (
     KERNEL_ARGUMENTS,
     KERNEL_EXTRAS,
     AotKernel,
@@ -42,7 +42,7 @@ def _needs_triton():
 
 _INTERPRETER_CHECK = """
 import dataclasses, torch
-from accelkit.export.tensorrt_plugins import KERNEL_ARGUMENTS, block_sparse_kernel_spec
+from accelkit.kernels.block_sparse_attention.tensorrt_plugin import KERNEL_ARGUMENTS, block_sparse_kernel_spec
 from accelkit.kernels.block_sparse_attention._triton_kernel import _bsa_fwd_trt
 from accelkit.kernels.block_sparse_attention.reference import (
     block_sparse_attention_reference, indices_from_dense_mask, num_blocks)
@@ -105,7 +105,10 @@ def test_tensorrt_entry_in_interpreter_matches_reference():
 
 def test_aot_compile_refuses_a_kernel_too_big_for_a_plugin_launch():
     _needs_triton()
-    from accelkit.export.tensorrt_plugins import PluginBuildError, compile_block_sparse_kernel
+    from accelkit.kernels.block_sparse_attention.tensorrt_plugin import (
+        PluginBuildError,
+        compile_block_sparse_kernel,
+    )
 
     # fp32 K and V tiles of a head dim padded to 128 alone take 64 KiB: no tile or stage count fits.
     spec = block_sparse_kernel_spec("fp32", 72, 72, 128, 64, 1 / math.sqrt(72))
@@ -120,8 +123,8 @@ def test_aot_ptx_entry_takes_tensorrt_arguments(dtype, d, lk, tmp_path):
     _needs_triton()
     from triton.backends.nvidia.compiler import get_ptxas
 
-    from accelkit.export.tensorrt_plugins import compile_block_sparse_kernel
     from accelkit.kernels.block_sparse_attention._triton_kernel import _bsa_fwd_trt
+    from accelkit.kernels.block_sparse_attention.tensorrt_plugin import compile_block_sparse_kernel
 
     spec = block_sparse_kernel_spec(dtype, d, d, 128, 64, 1 / math.sqrt(d), key_length=lk)
     # Runtime arguments in TensorRT's order, everything else a compile-time constant of the spec.
@@ -267,7 +270,7 @@ def test_aot_impl_registers_and_compiles_real_ptx(monkeypatch):
     """Registered through the stand-in's aot_impl checks, then called as TensorRT calls it (with the
     real Triton compile for sm_90): the launch parameters agree with the compiled kernel."""
     _needs_triton()
-    from accelkit.export import tensorrt_plugins
+    from accelkit.kernels.block_sparse_attention import tensorrt_plugin as tensorrt_plugins
 
     plugin = fake_tensorrt_plugin()
     plugin.register("accelkit::block_sparse_attention")(_registered_desc(plugin))
@@ -318,7 +321,7 @@ def test_real_engine_runs_the_plugin_and_matches_the_reference(tmp_path):
     )
     from tests.unit.export.test_tensorrt import _write_onnx_dir
 
-    lowerings = pytest.importorskip("accelkit.export.lowerings")
+    lowerings = pytest.importorskip("accelkit.kernels.block_sparse_attention.onnx_lowering")
     trt = require_tensorrt()
     b, h, lq, lk, d, bq, bk, scale = 2, 2, 384, 320, 64, 128, 64, 0.125
     nq, nk = num_blocks(lq, bq), num_blocks(lk, bk)

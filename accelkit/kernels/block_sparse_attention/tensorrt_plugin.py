@@ -1,9 +1,14 @@
-"""TensorRT's ahead-of-time implementation of the ``accelkit::block_sparse_attention`` plugin.
+"""The ``accelkit::block_sparse_attention`` TensorRT plugin: descriptor and ahead-of-time implementation.
+
+:func:`register_plugin` (named by the op's registration, called by
+:func:`accelkit.export.tensorrt.register_tensorrt_plugins`) registers the descriptor (inputs,
+attributes, output shape :func:`block_sparse_attention_output_shape`) and, when triton imports, the AOT
+implementation below.
 
 When an engine is built, TensorRT asks the plugin's AOT implementation (``tensorrt.plugin.aot_impl``)
 for a compiled kernel, its launch parameters and the scalar arguments to pass; the kernel is embedded
 in the engine and launched by TensorRT without Python. The kernel is accelkit's Triton block-sparse
-attention (:mod:`accelkit.kernels.block_sparse_attention._triton_kernel`) through its entry point
+attention (:mod:`._triton_kernel`) through its entry point
 ``_bsa_fwd_trt``, compiled to PTX for the build GPU's compute capability, once per plugin attribute set.
 
 Launch convention (what TensorRT passes, in this order; see :data:`KERNEL_ARGUMENTS`)::
@@ -31,7 +36,7 @@ from __future__ import annotations
 import functools
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,11 +49,13 @@ __all__ = [
     "KERNEL_OUTPUTS",
     "PluginBuildError",
     "block_sparse_attention_launch",
+    "block_sparse_attention_output_shape",
     "block_sparse_kernel_spec",
     "build_target",
     "compile_block_sparse_kernel",
     "ptx_entry",
     "register_block_sparse_aot_impl",
+    "register_plugin",
 ]
 
 # The kernel's runtime parameters in TensorRT's order: inputs, int32 extras, outputs.
@@ -423,3 +430,41 @@ def register_block_sparse_aot_impl(trtp: Any, plugin_id: str) -> Callable[..., A
     }
     trtp.aot_impl(plugin_id)(block_sparse_attention_aot_impl)
     return block_sparse_attention_aot_impl
+
+
+# ---------------------------------------------------------------- the descriptor
+
+
+def block_sparse_attention_output_shape(q_shape: Sequence[Any], v_shape: Sequence[Any]) -> tuple[Any, ...]:
+    """Output shape of block-sparse attention: ``(B, H, Lq, Dv)`` from q ``(B, H, Lq, D)`` and v ``(B, H, Lk, Dv)``.
+
+    Works on ints and on TensorRT's symbolic shape expressions alike (only indexing is used), so the
+    plugin's shape function is this one.
+    """
+    if len(q_shape) != 4 or len(v_shape) != 4:
+        raise ValueError(f"block-sparse attention takes 4-d q and v, got ranks {len(q_shape)} and {len(v_shape)}")
+    return (q_shape[0], q_shape[1], q_shape[2], v_shape[3])
+
+
+def register_plugin(trtp: Any, plugin_id: str) -> None:
+    """Register the plugin's descriptor with ``trtp`` (``tensorrt.plugin``) and, when triton imports,
+    its AOT implementation (which compiles the Triton kernel for the build GPU)."""
+
+    def block_sparse_attention_desc(q, k, v, kv_block_counts, kv_block_indices, block_q, block_k, scale):
+        shape = block_sparse_attention_output_shape(list(q.shape_expr), list(v.shape_expr))
+        return trtp.from_shape_expr(tuple(shape), dtype=q.dtype)
+
+    # trtp.register reads the signature's annotations as classes (issubclass(annotation, TensorDesc));
+    # this module's postponed annotations would hand it strings, so they are set as objects here.
+    block_sparse_attention_desc.__annotations__ = {
+        **{name: trtp.TensorDesc for name in ("q", "k", "v", "kv_block_counts", "kv_block_indices")},
+        "block_q": int,
+        "block_k": int,
+        "scale": float,
+        "return": trtp.TensorDesc,
+    }
+    trtp.register(plugin_id)(block_sparse_attention_desc)
+    from accelkit.kernels._backend import triton_importable
+
+    if triton_importable():
+        register_block_sparse_aot_impl(trtp, plugin_id)
