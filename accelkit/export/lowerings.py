@@ -93,7 +93,7 @@ def onnx_lowerings() -> dict[str, Callable[..., Any]]:
 def _overload_name(target: Any) -> str | None:
     """``"ns::op"`` or ``"ns::op.overload"`` of a node target that is a custom op, else None."""
     name = op_name(target)
-    if name is None or (target.namespace != CUSTOM_NAMESPACE and op_spec(target) is None):
+    if name is None or (getattr(target, "namespace", None) != CUSTOM_NAMESPACE and op_spec(target) is None):
         return None
     overload = getattr(target, "_overloadname", "default")
     return name if overload in ("", "default") else f"{name}.{overload}"

@@ -458,6 +458,7 @@ class _VariantCall:
         reference: the PyTorch outputs on ``args``.
         batch: the captured batch (dim 0 of the first user input).
         eight_bit: a custom op computes in 8 bits or fewer (looser tolerance).
+        external: the weights are saved as external data (past :data:`EXTERNAL_DATA_BYTES`).
     """
 
     name: str
@@ -470,6 +471,7 @@ class _VariantCall:
     reference: tuple[torch.Tensor, ...]
     batch: int
     eight_bit: bool
+    external: bool
 
     @property
     def carries(self) -> list[bool]:
@@ -540,6 +542,7 @@ def _variant_call(
         reference=reference,
         batch=int(first.shape[0]) if first is not None and first.dim() >= 1 else 1,
         eight_bit=_uses_eight_bit_compute(module),
+        external=_weights_bytes(variant.module) > EXTERNAL_DATA_BYTES,
     )
 
 
@@ -674,27 +677,15 @@ def _io_entries(call: _VariantCall, dynamic: bool) -> tuple[list[dict], list[dic
 
 
 def _export_variant(
-    name: str,
-    variant: GraphVariant,
-    program: Program,
-    user_inputs: dict[str, torch.Tensor],
-    states: dict[str, torch.Tensor],
-    scalars: dict[str, torch.Tensor],
-    directory: Path,
-    *,
-    opset: int,
-    dynamic_batch: bool,
-    verify: bool,
-    optimize: bool,
-) -> tuple[dict[str, Any], tuple[torch.Tensor, ...]]:
-    """Export, check and describe one variant; returns its manifest entry and PyTorch outputs."""
+    call: _VariantCall, directory: Path, *, opset: int, dynamic_batch: bool, verify: bool, optimize: bool
+) -> dict[str, Any]:
+    """Export, check and describe one variant; returns its manifest entry."""
     import onnx
 
-    call = _variant_call(name, variant, program, user_inputs, states, scalars)
-    external = _weights_bytes(variant.module) > EXTERNAL_DATA_BYTES
+    name = call.name
     writer = _OnnxWriter(
         call=call, path=directory / f"{name}.onnx", table=translation_table(call.module), opset=opset,
-        optimize=optimize, external=external,
+        optimize=optimize, external=call.external,
     )  # fmt: skip
     started = time.perf_counter()
     dynamic, fallback_reason, stats = False, None, {}
@@ -721,7 +712,7 @@ def _export_variant(
         "dynamic_batch_note": fallback_reason,
         "optimized": bool(optimize),
         **stats,
-        "external_data": bool(external),
+        "external_data": bool(call.external),
         "verification": {
             "provider": "CPUExecutionProvider",
             "relative_error": errors,
@@ -733,7 +724,7 @@ def _export_variant(
         else None,
         "export_seconds": round(export_seconds, 3),
     }
-    return entry, call.reference
+    return entry
 
 
 def _sha256(path: Path) -> str:
@@ -860,21 +851,12 @@ def export_program_onnx(
                 if variant.state_outputs and not set(variant.state_outputs) <= set(states):
                     _record_states(program, variant, user_inputs, states, scalars)
                 continue
-            entry, reference = _export_variant(
-                name,
-                variant,
-                program,
-                user_inputs,
-                states,
-                scalars,
-                tmp,
-                opset=opset,
-                dynamic_batch=dynamic_batch,
-                verify=verify,
-                optimize=optimize,
+            call = _variant_call(name, variant, program, user_inputs, states, scalars)
+            entry = _export_variant(
+                call, tmp, opset=opset, dynamic_batch=dynamic_batch, verify=verify, optimize=optimize
             )
             num_user = program.graph.num_user_outputs
-            for state, value in zip(variant.state_outputs, reference[num_user:], strict=True):
+            for state, value in zip(variant.state_outputs, call.reference[num_user:], strict=True):
                 _store_state(states, state, value)
             models.append(entry)
         for path in sorted(p for p in tmp.iterdir() if p.is_file()):

@@ -11,7 +11,7 @@ weights), its ONNX lowering (a module path, imported only when an export runs, s
 registry; none of them names an op. They see a graph node through :class:`OpCall`, which binds the
 node's arguments to the op schema's names (``call.arg("act_mode")``, not ``node.args[8]``).
 
-Layering: this module imports nothing of accelkit (it sits below ``capture/``), and nothing heavier
+Layering: this module imports only ``accelkit.errors`` (it sits below ``capture/``) and nothing heavier
 than the standard library at import time.
 """
 
@@ -23,6 +23,8 @@ import pkgutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from accelkit.errors import AccelkitError
 
 __all__ = [
     "LoweringError",
@@ -42,7 +44,7 @@ __all__ = [
 ]
 
 
-class LoweringError(Exception):
+class LoweringError(AccelkitError):
     """An op call has no form in an export format (raised by lowerings; export turns it into its error)."""
 
 
