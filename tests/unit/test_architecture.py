@@ -95,6 +95,8 @@ def test_mentions_finds_a_planted_word(tmp_path):
 @pytest.mark.parametrize("vocabulary", sorted(FORBIDDEN_VOCABULARIES))
 def test_capture_search_export_do_not_name_registered_things(vocabulary):
     words = FORBIDDEN_VOCABULARIES[vocabulary]()
+    if not words:
+        pytest.skip(f"no {vocabulary} vocabulary is registered yet (see {FORBIDDEN_VOCABULARIES[vocabulary].__name__})")
     found = mentions(modules_of(OP_AGNOSTIC_PACKAGES), words)
     assert not found, (
         f"these modules name a {vocabulary}; read it from its registry instead:\n" + "\n".join(found)
