@@ -99,6 +99,8 @@ class OptimizeSettings:
     width: int | None = None
     guidance_scale: float | None = None
     export: str | None = None
+    #: Reuse an OUT made for another model or other budgets, removing its stale plans and report.
+    overwrite: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
     #: Heartbeat of running trials in seconds; a trial silent for ``grace_period`` (default 3x) is
     #: marked FAIL by the next process that asks the study for a trial, and retried.
@@ -131,13 +133,9 @@ class OptimizeResult:
 
 
 def _read_prompts(path: str) -> list[str]:
-    file = Path(path)
-    if not file.is_file():
-        raise InputError(f"prompt file '{path}' does not exist: pass a text file with one prompt per line")
-    prompts = [line.strip() for line in file.read_text().splitlines() if line.strip()]
-    if not prompts:
-        raise InputError(f"prompt file '{path}' holds no prompts: write one prompt per line")
-    return prompts
+    from accelkit._io import read_prompt_file
+
+    return read_prompt_file(path)
 
 
 GENERIC_PROMPTS = (
