@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import errno
 import json
 import signal
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from accelkit.errors import AccelkitError
@@ -541,6 +540,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    from accelkit._signals import last_signal, terminate_as_interrupt
     from accelkit.cli.validate import validate_args
     from accelkit.errors import Interrupted
 
@@ -548,7 +548,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         with terminate_as_interrupt():
             # Every value is checked before anything loads or is written.
             validate_args(args)
-            return COMMANDS[args.command](args)
+            code = COMMANDS[args.command](args)
+            # A command that caught the signal itself reports 130; SIGTERM's code is 143.
+            return 128 + last_signal() if code == 130 and last_signal() else code
     except AccelkitError as error:
         if args.debug:
             raise
@@ -598,25 +600,6 @@ def _internal_error(error: BaseException) -> int:
     first = str(error).strip().splitlines()[0] if str(error).strip() else ""
     return _fail(f"internal error {type(error).__name__}: {first} (this is a bug: please report it "
                  "with the traceback that --debug prints)", 1)
-
-
-@contextlib.contextmanager
-def terminate_as_interrupt() -> Iterator[None]:
-    """SIGTERM ends the command the way Ctrl-C does (trial marked, plans and report consistent)."""
-    from accelkit.errors import Interrupted
-
-    def handler(signum: int, frame: Any) -> None:
-        raise Interrupted(signum)
-
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread (tests calling main from a thread): leave signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

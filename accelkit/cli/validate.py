@@ -11,6 +11,7 @@ import math
 import os
 from pathlib import Path
 
+from accelkit.artifacts.outdir import check_writable_dir
 from accelkit.errors import InputError
 
 #: Sampler steps beyond this are a typo, not a schedule (diffusers' schedulers train on 1000 steps).
@@ -87,26 +88,6 @@ def check_text_file(path: str | None, flag: str) -> None:
     from accelkit._io import read_prompt_file
 
     read_prompt_file(path, flag=flag)
-
-
-def _nearest_existing(path: Path) -> Path:
-    """``path`` or its closest existing ancestor; raises when an ancestor is a regular file."""
-    current = path.absolute()
-    for candidate in (current, *current.parents):
-        if candidate.exists():
-            return candidate
-    return Path("/")
-
-
-def check_writable_dir(path: str | os.PathLike, flag: str) -> None:
-    """``path`` is, or can be created as, a directory this process may write into."""
-    target = Path(path)
-    existing = _nearest_existing(target)
-    if not existing.is_dir():
-        where = "is a file" if existing == target.absolute() else f"lies under the file '{existing}'"
-        raise InputError(f"{flag} '{target}' {where}: pass a directory")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise InputError(f"{flag} '{target}' is not writable ('{existing}' is read-only): pass a writable directory")
 
 
 def check_output_image(path: str, prompts: int) -> None:
