@@ -6,6 +6,7 @@ import hashlib
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -39,10 +40,31 @@ def cli(*args: str, timeout: float = 300, **popen) -> subprocess.CompletedProces
                           timeout=timeout, env=env, cwd=popen.pop("cwd", ROOT), **popen)
 
 
-def spawn(*args: str, **popen) -> subprocess.Popen:
+def spawn(*args: str, slow_trial: float = 0, slow_finish: float = 0) -> subprocess.Popen:
+    """``accelkit ARGS`` in the background, through the runner that can slow trials or the finish down."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen([sys.executable, "-m", "accelkit.cli.main", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT, **popen)
+    env.pop("AK_SLOW_TRIAL", None)
+    env.pop("AK_SLOW_FINISH", None)
+    if slow_trial:
+        env["AK_SLOW_TRIAL"] = str(slow_trial)
+    if slow_finish:
+        env["AK_SLOW_FINISH"] = str(slow_finish)
+    return subprocess.Popen([sys.executable, str(ROOT / "tests" / "reliability" / "_runner.py"), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+
+
+def wait_for(process: subprocess.Popen, word: str, timeout: float = 180) -> list[str]:
+    """Read the process's stderr until a line holds ``word``; returns the lines read."""
+    deadline = time.monotonic() + timeout
+    lines = []
+    while time.monotonic() < deadline:
+        line = process.stderr.readline()
+        if not line:
+            raise AssertionError(f"the process ended (rc {process.wait()}) before printing {word}: {lines}")
+        lines.append(line)
+        if word in line:
+            return lines
+    raise AssertionError(f"no {word} within {timeout} s: {lines}")
 
 
 def optimize_args(out: Path, *extra: str, budget: str = "2x", trials: int = 2) -> list[str]:
