@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 #: zoo:shapes at the smallest settings: about 20 s per optimize run on one CPU core.
@@ -70,3 +74,16 @@ def wait_for(process: subprocess.Popen, word: str, timeout: float = 180) -> list
 def optimize_args(out: Path, *extra: str, budget: str = "2x", trials: int = 2) -> list[str]:
     return ["optimize", "zoo:shapes", "--budget", budget, "--trials", str(trials), *TINY, "--quiet",
             "--out", str(out), *extra]
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` mounted at ``path`` (skips the test where mounting is not allowed)."""
+    path.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], capture_output=True)

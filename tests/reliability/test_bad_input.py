@@ -14,21 +14,8 @@ from pathlib import Path
 import pytest
 
 from accelkit.cli.main import main
-from tests.reliability.helpers import TINY, cli, one_line_error, snapshot
-
-
-class _LoadCalled(Exception):
-    pass
-
-
-@pytest.fixture
-def no_model_load(monkeypatch):
-    import accelkit.loading
-
-    def refuse(*args, **kwargs):
-        raise _LoadCalled("load_pipeline was reached")
-
-    monkeypatch.setattr(accelkit.loading, "load_pipeline", refuse)
+from tests.reliability.helpers import TINY, cli, one_line_error, snapshot, tmpfs
+from tests.unit.cli.test_cli import no_model_load  # noqa: F401 - a fixture: values are refused before loading
 
 
 @pytest.fixture
@@ -74,7 +61,8 @@ OPTIMIZE_CASES = [
 
 
 @pytest.mark.parametrize(("case", "args", "words"), OPTIMIZE_CASES, ids=[c[0] for c in OPTIMIZE_CASES])
-def test_optimize_bad_values_refused_before_loading(workdir, capsys, no_model_load, case, args, words):
+@pytest.mark.usefixtures("no_model_load")
+def test_optimize_bad_values_refused_before_loading(workdir, capsys, case, args, words):
     args = [a.replace("{d}", str(workdir)) for a in args]
     out = ["--out", str(workdir / "out")] if "--out" not in args else []
     before = snapshot(workdir)
@@ -105,7 +93,8 @@ OTHER_CASES = [
 
 
 @pytest.mark.parametrize(("case", "args", "words"), OTHER_CASES, ids=[c[0] for c in OTHER_CASES])
-def test_other_commands_bad_values(workdir, capsys, no_model_load, case, args, words):
+@pytest.mark.usefixtures("no_model_load")
+def test_other_commands_bad_values(workdir, capsys, case, args, words):
     args = [a.replace("{d}", str(workdir)) for a in args]
     before = snapshot(workdir)
     assert main(args) == 2
@@ -124,7 +113,8 @@ PLAN_CASES = [
 
 @pytest.mark.parametrize(("case", "data", "budget", "words"), PLAN_CASES, ids=[c[0] for c in PLAN_CASES])
 @pytest.mark.parametrize("command", ["run", "export", "distill"])
-def test_damaged_plan_json_refused(workdir, capsys, no_model_load, case, data, budget, words, command):
+@pytest.mark.usefixtures("no_model_load")
+def test_damaged_plan_json_refused(workdir, capsys, case, data, budget, words, command):
     out = _plan_out(workdir, data)
     before = snapshot(workdir)
     extra = ["--prompt", "a", "--output", str(workdir / "x.png")] if command == "run" else []
@@ -186,23 +176,17 @@ def test_environment_oserror_is_one_line_exit_2(monkeypatch, capsys):
 
 @pytest.fixture
 def read_only_dir(tmp_path):
-    """A tmpfs holding a plan folder, remounted read-only; skipped where mounting is not allowed."""
-    mount = tmp_path / "ro"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    try:
+    """A tmpfs holding a plan folder, remounted read-only."""
+    with tmpfs(tmp_path / "ro", "1m") as mount:
         (mount / "plans" / "2x").mkdir(parents=True)
         (mount / "plans" / "2x" / "plan.json").write_text(json.dumps(_PLAN_NO_GENERATION))
         subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True)
         yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], capture_output=True)
 
 
 @pytest.mark.parametrize("command", ["optimize", "export", "distill"])
-def test_read_only_out_or_plan_folder(read_only_dir, capsys, no_model_load, command):
+@pytest.mark.usefixtures("no_model_load")
+def test_read_only_out_or_plan_folder(read_only_dir, capsys, command):
     before = snapshot(read_only_dir)
     argv = (["optimize", "zoo:shapes", "--out", str(read_only_dir / "out"), "--quiet"] if command == "optimize"
             else [command, str(read_only_dir)])
