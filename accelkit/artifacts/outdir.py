@@ -121,6 +121,28 @@ def _read_marker(out: Path) -> dict[str, Any]:
     return data
 
 
+def _foreign_report_files(out: Path) -> list[str]:
+    """Files in OUT/report/ that the report does not mention: someone else put them there.
+
+    The report folder is replaced as a whole when it is rewritten; a file its index.html and
+    report.json do not name (and no temporary file of an atomic write) would be lost with it.
+    """
+    report = out / "report"
+    if not report.is_dir():
+        return []
+    text = ""
+    for name in ("index.html", "report.json"):
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            text += (report / name).read_text(encoding="utf-8")
+    foreign = []
+    for path in sorted(p for p in report.rglob("*") if p.is_file()):
+        relative = path.relative_to(report).as_posix()
+        ours = relative in ("index.html", "report.json") or relative in text or path.name.startswith(".")
+        if not ours:
+            foreign.append(f"report/{relative}")
+    return foreign
+
+
 def _adopt_or_refuse(out: Path, identity: OutIdentity, overwrite: bool) -> tuple[str, ...]:
     """The budgets OUT will record, after refusing or clearing a foreign or mismatched OUT."""
     entries = {p.name for p in out.iterdir()} - {LOCK}
@@ -133,6 +155,10 @@ def _adopt_or_refuse(out: Path, identity: OutIdentity, overwrite: bool) -> tuple
         recorded = None  # empty, or an OUT written before the marker existed
     else:
         recorded = _read_marker(out)
+    foreign = _foreign_report_files(out)
+    if foreign:
+        raise InputError(f"--out '{out}': {', '.join(foreign[:3])} was not written by accelkit and would be lost "
+                         "when the report is rewritten: move it out of --out")
     if recorded is None:
         return identity.budgets
     diffs = _differences(recorded, identity)

@@ -133,3 +133,21 @@ def test_file_or_read_only_parent_refused(tmp_path, claim):
         claim(tmp_path / "file" / "out")
     with pytest.raises(InputError, match="is a file"):
         claim(tmp_path / "file")
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_user_file_inside_an_owned_report_folder_is_kept(tmp_path, claim, overwrite):
+    out = tmp_path / "out"
+    claim(out)
+    (out / "report" / "images").mkdir(parents=True)
+    (out / "report" / "index.html").write_text('<img src="images/plot.png">')
+    (out / "report" / "report.json").write_text("{}")
+    (out / "report" / "images" / "plot.png").write_bytes(b"png")
+    (out / "report" / ".index.html.x.tmp").write_text("left by a kill -9")
+    release_out_dir(out)
+    claim(out)  # everything there is the report's own
+    release_out_dir(out)
+    (out / "report" / "thesis.tex").write_text("mine")
+    with pytest.raises(InputError, match="report/thesis.tex was not written by accelkit"):
+        claim(out, OutIdentity(**{**ME.to_json(), "budgets": ("3x",)}) if overwrite else ME, overwrite=overwrite)
+    assert (out / "report" / "thesis.tex").read_text() == "mine"
