@@ -59,3 +59,25 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(path, old)
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def read_prompt_file(path: str | os.PathLike, *, flag: str | None = None) -> list[str]:
+    """The non-empty lines of a UTF-8 text file; an InputError names the flag and the fix otherwise."""
+    from accelkit.errors import InputError
+
+    name = f"{flag}: prompt file '{path}'" if flag else f"prompt file '{path}'"
+    file = Path(path)
+    if not file.is_file():
+        raise InputError(f"{name} does not exist: pass a text file with one prompt per line")
+    try:
+        text = file.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"{name} is not UTF-8 text: pass a text file with one prompt per line") from None
+    except OSError as error:
+        raise InputError(f"{name} cannot be read ({error.strerror}): check its permissions") from None
+    if "\x00" in text:
+        raise InputError(f"{name} is a binary file: pass a text file with one prompt per line")
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise InputError(f"{name} holds no prompts: write one prompt per line")
+    return prompts

@@ -55,7 +55,10 @@ def _load_folder(path: Path, dtype: torch.dtype) -> Any:
         raise InputError(f"'{index_file}' is not valid JSON ({error.msg}): the pipeline folder is damaged") from None
     if not isinstance(index, dict):
         raise InputError(f"'{index_file}' does not hold a JSON object: the pipeline folder is damaged")
-    class_name = str(index.get("_class_name", ""))
+    class_name = index.get("_class_name")
+    if not isinstance(class_name, str) or not class_name:
+        raise InputError(f"'{index_file}' names no pipeline class (no \"_class_name\"): the pipeline folder is "
+                         "damaged; write it again with pipe.save_pretrained(...)")
     if class_name == "ShapesPipeline":
         from accelkit.zoo.shapes.pipeline import ShapesPipeline
 

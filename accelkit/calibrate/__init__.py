@@ -9,6 +9,7 @@ files, so search trials reuse priors and remote workers can share them.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -138,16 +139,39 @@ class Calibrator:
         if key in self._memory:
             return self._memory[key]
         path = self.cache_dir / f"{key}.npy" if self.cache_dir is not None else None
-        if path is not None and path.is_file():
-            # allow_pickle=False: cache files are plain arrays, never objects.
-            value = np.load(path, allow_pickle=False)
-        else:
+        value = _load_cached(path) if path is not None else None
+        if value is None:
             value = np.asarray(compute())
             if path is not None:
-                import io
-
-                buffer = io.BytesIO()
-                np.save(buffer, value, allow_pickle=False)
-                atomic_write_bytes(path, buffer.getvalue())
+                _store_cached(path, value)
         self._memory[key] = value
         return value
+
+
+def _load_cached(path: Path) -> np.ndarray | None:
+    """The cached array, or None when missing, changed, damaged or holding objects (then recomputed).
+
+    allow_pickle=False: cache files are plain numeric arrays; a pickled one is never unpickled.
+    """
+    digest_file = path.with_name(path.name + ".sha256")
+    if not path.is_file() or not digest_file.is_file():
+        return None
+    try:
+        data = path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != digest_file.read_text().strip():
+            return None  # changed since it was written
+        value = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError):
+        return None
+    if not isinstance(value, np.ndarray) or value.dtype.kind not in "biuf":
+        return None
+    return value
+
+
+def _store_cached(path: Path, value: np.ndarray) -> None:
+    """The array, then its sha256 beside it: a reader trusts the array only when both agree."""
+    buffer = io.BytesIO()
+    np.save(buffer, value, allow_pickle=False)
+    data = buffer.getvalue()
+    atomic_write_bytes(path, data)
+    atomic_write_bytes(path.with_name(path.name + ".sha256"), hashlib.sha256(data).hexdigest().encode())

@@ -470,13 +470,13 @@ def recover_plan(
     """
     from safetensors.torch import save
 
-    from accelkit._io import atomic_write_bytes, atomic_write_json
+    from accelkit._io import atomic_write_bytes
     from accelkit.calibrate import Calibrator
     from accelkit.loading import load_pipeline
     from accelkit.passes.base import PASS_ORDER, Program, config_from_dict, run_passes
     from accelkit.passes.prune import RECOVERED_WEIGHT_PREFIX, record_calibration_inputs, recovered_weight_key
     from accelkit.report.metrics import fidelity
-    from accelkit.runtime.plan import build_program, read_plan
+    from accelkit.runtime.plan import build_program, read_plan, write_plan_json
     from accelkit.search.optimize import OptimizeSettings, _prompt_sets
 
     say = say or (lambda _: None)
@@ -571,7 +571,7 @@ def recover_plan(
     if data.pop("engines", None) is not None:
         say(f"the plan's exported engines hold the old weights and were unlisted: run `accelkit export {out_dir} "
             f"--budget {plan.budget}` again")
-    atomic_write_json(plan.path / "plan.json", data)
+    write_plan_json(plan.path, data)  # re-hashes the new weights
     report_updated = False
     if report_data is not None and report_entry is not None:
         report_updated = _update_report(out_dir, report_data, plan.budget, recovery)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -34,7 +36,8 @@ examples:
   accelkit export out/ --budget 2x --target tensorrt   # + one TensorRT engine per variant (GPU, TensorRT >= 10.9)
   accelkit run out/ --budget 2x --backend tensorrt --device cuda --prompt "a red circle"
 
-exit codes: 0 success; 2 bad input; 3 a budget or --min-psnr floor could not be met; 130 interrupted.
+exit codes: 0 success; 1 internal error (please report); 2 bad input (the message names the fix);
+  3 a budget or --min-psnr floor could not be met; 4 some search trials raised; 130 Ctrl-C; 143 SIGTERM.
 """
 
 
@@ -77,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     optimize.add_argument("--min-psnr", type=float, default=None,
                           help="fidelity floor in dB; a plan below it fails the run with exit code 3")
     optimize.add_argument("--out", default="accelkit-out", help="output directory (default: accelkit-out)")
+    optimize.add_argument("--overwrite", action="store_true",
+                          help="reuse an --out made for another model or other budgets: its plans and report are "
+                               "removed (never files accelkit did not write)")
     optimize.add_argument("--export", choices=["onnx", "tensorrt"], default=None,
                           help="also export every met plan (ONNX checked with onnxruntime)")
     optimize.add_argument("--quiet", action="store_true", help="no progress output")
@@ -257,7 +263,7 @@ def _settings_from_args(args: argparse.Namespace) -> Any:
         eval_prompts_file=args.eval_prompts, seed=args.seed, device=args.device, cost=args.cost,
         cost_target=args.cost_target, min_psnr=args.min_psnr, storage=args.storage, study=args.study,
         out=args.out, height=args.height, width=args.width, guidance_scale=args.guidance_scale,
-        heartbeat=args.heartbeat, grace_period=args.grace_period)
+        heartbeat=args.heartbeat, grace_period=args.grace_period, overwrite=getattr(args, "overwrite", False))
 
 
 def _version() -> str:
@@ -476,18 +482,18 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_distill(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from accelkit._io import read_prompt_file
     from accelkit.calibrate.distill import DistillConfig, recover_plan, removable_blocks
     from accelkit.errors import InputError
     from accelkit.runtime.plan import read_plan
-    from accelkit.search.optimize import _read_prompts
 
     for flag in ("num_prompts", "num_eval_prompts"):
         if getattr(args, flag) < 1:
             raise InputError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     config = DistillConfig(iterations=args.iterations, lr=args.lr, batch_size=args.batch_size,
                            feature_weight=args.feature_weight, seed=args.seed)
-    prompts = _read_prompts(args.prompts)[: args.num_prompts] if args.prompts else None
-    eval_prompts = _read_prompts(args.eval_prompts)[: args.num_eval_prompts] if args.eval_prompts else None
+    prompts = read_prompt_file(args.prompts)[: args.num_prompts] if args.prompts else None
+    eval_prompts = read_prompt_file(args.eval_prompts)[: args.num_eval_prompts] if args.eval_prompts else None
     quiet = args.quiet or args.json
     console = _console(quiet=quiet)
     bar = Progress(TextColumn("distill"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -534,23 +540,66 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    from accelkit._signals import last_signal, terminate_as_interrupt
+    from accelkit.cli.validate import validate_args
+    from accelkit.errors import Interrupted
+
     try:
-        return COMMANDS[args.command](args)
+        with terminate_as_interrupt():
+            # Every value is checked before anything loads or is written.
+            validate_args(args)
+            code = COMMANDS[args.command](args)
+            # A command that caught the signal itself reports 130; SIGTERM's code is 143.
+            return 128 + last_signal() if code == 130 and last_signal() else code
     except AccelkitError as error:
         if args.debug:
             raise
-        print(f"accelkit: error: {error}", file=sys.stderr)
-        return error.exit_code
-    except KeyboardInterrupt:
-        print("accelkit: interrupted", file=sys.stderr)
-        return 130
+        return _fail(str(error), error.exit_code)
+    except KeyboardInterrupt as error:
+        signum = error.signum if isinstance(error, Interrupted) else signal.SIGINT
+        print("accelkit: interrupted" if signum == signal.SIGINT else "accelkit: terminated", file=sys.stderr)
+        return 128 + int(signum)
+    except OSError as error:
+        if args.debug:
+            raise
+        if error.errno in _ENVIRONMENT_ERRNOS:
+            where = f" '{error.filename}'" if error.filename else ""
+            return _fail(f"cannot write or read{where}: {error.strerror}; {_ENVIRONMENT_ERRNOS[error.errno]}", 2)
+        return _internal_error(error)
+    except MemoryError:
+        if args.debug:
+            raise
+        return _fail("out of memory: lower --height/--width, --num-prompts or the model size", 2)
     except Exception as error:  # noqa: BLE001 - one line for users, the traceback behind --debug
         if args.debug:
             raise
-        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        print(f"accelkit: error: {type(error).__name__}: {first} (run with --debug for the traceback)",
-              file=sys.stderr)
-        return 1
+        if type(error).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError, without importing torch
+            return _fail("out of GPU memory: lower --height/--width or use a larger GPU", 2)
+        return _internal_error(error)
+
+
+#: Failures of the machine around accelkit, not of accelkit: each names what to change.
+_ENVIRONMENT_ERRNOS = {
+    errno.EROFS: "the file system is read-only: pass a writable --out / output path",
+    errno.EACCES: "permission denied: pass a path you may write",
+    errno.EPERM: "permission denied: pass a path you may write",
+    errno.ENOSPC: "the disk is full: free space or pass another --out (nothing was half-written)",
+    errno.EDQUOT: "the disk quota is exceeded: free space or pass another --out (nothing was half-written)",
+    errno.ENOTDIR: "a part of the path is a file: pass a directory",
+    errno.EISDIR: "the path is a directory: pass a file path",
+    errno.EEXIST: "something else already exists there: pass another path",
+}
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"accelkit: error: {' '.join(message.split())}", file=sys.stderr)
+    return code
+
+
+def _internal_error(error: BaseException) -> int:
+    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return _fail(f"internal error {type(error).__name__}: {first} (this is a bug: please report it "
+                 "with the traceback that --debug prints)", 1)
 
 
 if __name__ == "__main__":

@@ -9,15 +9,26 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from accelkit._io import atomic_write_bytes, atomic_write_json
+from accelkit.artifacts.plan_file import (
+    PLAN_SCHEMA,
+    PlanFile,
+    check_plan_shape,
+    manifest_files,
+    parse_plan,
+    seal_plan,
+    verify_plan_files,
+)
 from accelkit.errors import InputError, PlanMismatchError
 
-PLAN_SCHEMA = 1
+__all__ = ["PLAN_SCHEMA", "Plan", "build_program", "export_plan", "load", "read_plan", "write_plan",
+           "write_plan_json"]
 
 
 @dataclass
@@ -31,6 +42,11 @@ class Plan:
 
     path: Path
     data: dict[str, Any]
+
+    @cached_property
+    def file(self) -> PlanFile:
+        """The checked, typed view of ``data`` (raises on a plan of the wrong shape)."""
+        return parse_plan(self.data, self.path / "plan.json")
 
     @property
     def budget(self) -> str:
@@ -101,12 +117,22 @@ def write_plan(
         "fidelity": fidelity,
         "weights_file": weights_file,
     }
-    atomic_write_json(directory / "plan.json", data)
+    return write_plan_json(directory, data)
+
+
+def write_plan_json(directory: Path, data: dict[str, Any]) -> Path:
+    """Write ``plan.json`` atomically with the sha256 of every file it references (write those first)."""
+    atomic_write_json(directory / "plan.json", seal_plan(directory, data))
     return directory / "plan.json"
 
 
-def read_plan(out_dir: str | Path, budget: str | None = None) -> Plan:
-    """Find and parse the plan for ``budget`` under ``out_dir`` (the only plan when None)."""
+def read_plan(out_dir: str | Path, budget: str | None = None, *, strict: bool = True) -> Plan:
+    """Find and parse the plan for ``budget`` under ``out_dir`` (the only plan when None).
+
+    Args:
+        strict: check the whole plan (:func:`~accelkit.artifacts.plan_file.parse_plan`); False checks
+            only its schema and budget (enough to list its exports).
+    """
     root = Path(out_dir)
     plans_dir = root / "plans"
     if not plans_dir.is_dir():
@@ -123,12 +149,19 @@ def read_plan(out_dir: str | Path, budget: str | None = None) -> Plan:
         raise InputError(f"no plan for budget {budget} in '{root}': available budgets are {available}")
     path = plans_dir / budget / "plan.json"
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_bytes().decode("utf-8"))
     except json.JSONDecodeError as error:
         raise InputError(f"'{path}' is not valid JSON ({error.msg}); re-run optimize to rewrite it") from None
-    if data.get("schema") != PLAN_SCHEMA:
-        raise PlanMismatchError(f"'{path}' has plan schema {data.get('schema')}, this accelkit reads {PLAN_SCHEMA}")
-    return Plan(path.parent, data)
+    except UnicodeDecodeError:
+        raise InputError(f"'{path}' is not UTF-8 JSON; re-run optimize to rewrite it") from None
+    check_plan_shape(data, path)
+    if data["budget"] != budget:
+        raise PlanMismatchError(f"'{path}' is the plan for budget {data['budget']}, not {budget}: it was moved or "
+                                "edited; re-run optimize to rewrite it")
+    plan = Plan(path.parent, data)
+    if strict:
+        plan.file  # noqa: B018 - check the whole plan now, naming plan.json
+    return plan
 
 
 def build_program(plan: Plan, pipe: Any, *, check_weights: bool = True) -> Any:
@@ -139,10 +172,12 @@ def build_program(plan: Plan, pipe: Any, *, check_weights: bool = True) -> Any:
     from accelkit.runtime.pipeline import find_denoiser
 
     _, denoiser = find_denoiser(pipe)
+    # Every referenced file is checked before any is read: a changed weights file never runs.
+    verify_plan_files(plan.file, plan.path)
     if check_weights:
-        expected = plan.data["model"].get("weights_hash")
+        expected = plan.file.model.weights_hash
         actual = weights_fingerprint(denoiser)
-        if expected and expected != actual:
+        if expected != actual:
             raise PlanMismatchError(
                 f"the plan in '{plan.path}' was made for other weights (hash {expected[:12]}, these are "
                 f"{actual[:12]}): optimize this model again"
@@ -243,7 +278,7 @@ def export_plan(out_dir: str | Path, pipe: Any, budget: str | None = None, *, ta
             "onnx": {"directory": "onnx", "manifest": manifest},
         }
         directory = engines_dir
-    atomic_write_json(plan.path / "plan.json", data)
+    write_plan_json(plan.path, data)
     return directory
 
 
@@ -282,15 +317,16 @@ def verify_exports(out_dir: str | Path, budget: str | None = None) -> list[str]:
     Raises:
         InputError: the plan lists no export, or a file is missing or differs (the message names it).
     """
+    from accelkit.artifacts.plan_file import export_sections
     from accelkit.export.onnx import OnnxExportError, verify_files
 
-    plan = read_plan(out_dir, budget)
+    plan = read_plan(out_dir, budget, strict=False)
     section = plan.data.get("engines")
     if not section:
         raise InputError(f"plan {plan.budget} lists no export: run `accelkit export {out_dir} --budget {plan.budget}`")
-    listed = [(section["directory"], section["manifest"])]
-    if section.get("onnx"):
-        listed.append((section["onnx"]["directory"], section["onnx"]["manifest"]))
+    listed = [(folder, manifest) for _, folder, manifest in export_sections(plan.data)]
+    for what, folder, manifest in export_sections(plan.data):
+        manifest_files(plan.path, folder, manifest, what)  # every file inside the export folder, and hashed
     checked = []
     for folder, manifest in listed:
         try:

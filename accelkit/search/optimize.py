@@ -99,6 +99,8 @@ class OptimizeSettings:
     width: int | None = None
     guidance_scale: float | None = None
     export: str | None = None
+    #: Reuse an OUT made for another model or other budgets, removing its stale plans and report.
+    overwrite: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
     #: Heartbeat of running trials in seconds; a trial silent for ``grace_period`` (default 3x) is
     #: marked FAIL by the next process that asks the study for a trial, and retried.
@@ -131,13 +133,9 @@ class OptimizeResult:
 
 
 def _read_prompts(path: str) -> list[str]:
-    file = Path(path)
-    if not file.is_file():
-        raise InputError(f"prompt file '{path}' does not exist: pass a text file with one prompt per line")
-    prompts = [line.strip() for line in file.read_text().splitlines() if line.strip()]
-    if not prompts:
-        raise InputError(f"prompt file '{path}' holds no prompts: write one prompt per line")
-    return prompts
+    from accelkit._io import read_prompt_file
+
+    return read_prompt_file(path)
 
 
 GENERIC_PROMPTS = (
@@ -577,14 +575,16 @@ def prepare_search(settings: OptimizeSettings, *, role: str = "optimize", consol
                           cost_target=cost_target, targets=targets)
 
     # The study first: a worker with other settings should fail before the costly capture and baseline.
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-    storage_url = settings.storage or f"sqlite:///{(out / 'study.db').resolve()}"  # type: ignore[operator]
     study_name = study_name_for(settings, loaded.model_id, weights_hash, generation)
+    # A shared storage must answer before OUT is created; the default one lives in OUT.
+    shared = open_storage(settings.storage, settings) if settings.storage else None
+    if out is not None:
+        _claim_out(out, role, settings, loaded.model_id, weights_hash, study_name, targets)
+    storage_url = settings.storage or f"sqlite:///{(out / 'study.db').resolve()}"  # type: ignore[operator]
     # Failed trials are recorded with their reason in the study and the report's notes, not as tracebacks.
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    storage = open_storage(storage_url, settings)
+    storage = shared or open_storage(storage_url, settings)
     sampler = optuna.samplers.TPESampler(seed=settings.seed, multivariate=True, n_startup_trials=4)
     created = False
     try:
@@ -643,6 +643,20 @@ def prepare_search(settings: OptimizeSettings, *, role: str = "optimize", consol
                          study_name=study_name, created=created, stored=stored, out=out)
 
 
+def _claim_out(out: Path, role: str, settings: OptimizeSettings, model_id: str, weights_hash: str,
+               study_name: str, targets: Sequence[float]) -> None:
+    """Lock OUT and check it belongs to this model and study (workers only keep a cache there)."""
+    from accelkit.artifacts.outdir import OutIdentity, check_writable_dir, claim_out_dir
+
+    if role == "worker":
+        check_writable_dir(out, "--out")
+        out.mkdir(parents=True, exist_ok=True)
+        return
+    identity = OutIdentity(model=model_id, weights_hash=weights_hash, study=study_name,
+                           budgets=tuple(budget_name(t) for t in targets))
+    claim_out_dir(out, identity, overwrite=settings.overwrite)
+
+
 def finish(session: SearchSession, console: Any = None) -> tuple[list[BudgetOutcome], Path | None]:
     """Plans and report for ``session``'s study, written to ``session.out``."""
     if session.out is None:
@@ -654,16 +668,26 @@ def finish(session: SearchSession, console: Any = None) -> tuple[list[BudgetOutc
 
 def optimize(settings: OptimizeSettings, *, console: Any = None, progress: bool = True) -> OptimizeResult:
     """Run the whole optimization described by ``settings``; see the module docstring."""
+    from accelkit._signals import deferred_interrupts
+    from accelkit.artifacts.outdir import release_out_dir
+    from accelkit.search.resume import failed_trials, requeue_lost_trials
+
     session = prepare_search(settings, role="optimize", console=console)
-    finished = [t for t in session.study.trials if t.state.is_finished()]
+    # Trials lost to Ctrl-C or kill -9 run again and do not count; OUT's lock makes a local study ours alone.
+    lost = requeue_lost_trials(session.study, exclusive=settings.storage is None)
+    finished = [t for t in session.study.trials if t.state.is_finished() and t.number not in lost]
     remaining = max(0, settings.trials - len(finished))
     interrupted = False
     if remaining:
         interrupted = session.run_trials(remaining, progress=progress, console=console)
-    outcomes, report_path = finish(session, console)
+    with deferred_interrupts("interrupted: finishing the plans and report first") as deferred:
+        outcomes, report_path = finish(session, console)
     exit_code = 0 if all(o.met for o in outcomes) else 3
-    if interrupted:
+    if exit_code == 0 and failed_trials(session.study):
+        exit_code = 4  # the plans stand, but a trial raised: CI should look at the report's notes
+    if interrupted or deferred.signum is not None:
         exit_code = 130
+    release_out_dir(session.out)
     return OptimizeResult(session.out, outcomes, report_path, exit_code, session.study_name)  # type: ignore[arg-type]
 
 

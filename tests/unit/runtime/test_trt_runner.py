@@ -210,7 +210,7 @@ def test_plan_json_engine_section_verifies_every_file(flux_engines, tmp_path):
     from accelkit.errors import InputError
     from accelkit.export.onnx import read_manifest
     from accelkit.export.tensorrt import read_engine_manifest
-    from accelkit.runtime.plan import engine_section, verify_exports
+    from accelkit.runtime.plan import PLAN_SCHEMA, engine_section, verify_exports
 
     _, _, root = flux_engines
     plan_dir = tmp_path / "out" / "plans" / "2x"
@@ -225,7 +225,7 @@ def test_plan_json_engine_section_verifies_every_file(flux_engines, tmp_path):
         assert all({"min", "opt", "max"} <= set(p) for p in model["profile"].values())
     assert {f["path"] for f in section["files"]} == {"full.engine", "cached.engine"}
     data = {
-        "schema": 1,
+        "schema": PLAN_SCHEMA,
         "budget": "2x",
         "engines": {
             "target": "tensorrt",

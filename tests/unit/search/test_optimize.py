@@ -172,7 +172,7 @@ def test_rerun_resumes_study_and_survives_a_failing_trial(run_copy, monkeypatch)
     monkeypatch.setitem(base._REGISTRY, entry.config_type, patched)
     monkeypatch.setitem(base._BY_NAME, entry.name, patched)
     rc = _optimize(run_copy, trials=5)
-    assert rc == 0  # the 2x plan from the first run still stands
+    assert rc == 4  # the 2x plan from the first run still stands, but a trial raised (exit 4, not 0)
 
     after = _study(run_copy)
     assert len(after.trials) == 5  # grew to the new total, not 3 + 5, not restarted
