@@ -577,14 +577,33 @@ def mark_interrupted(study: Any, trial_id: int | None) -> None:
 
 def _seed_trials(settings: OptimizeSettings, evaluator: Evaluator, targets: Sequence[float]) -> list[dict[str, Any]]:
     """The guaranteed candidates (see :func:`accelkit.search.space.default_trials`) for this model."""
-    from accelkit.passes.steps import placement_unavailable
     from accelkit.search.space import default_trials
 
-    scheduler = getattr(evaluator.calib.pipe, "scheduler", None)
-    placements = ("default",) if placement_unavailable(scheduler) else ("default", "equalized")
+    placements = ("default",) if _placement_note(settings, evaluator, targets) else ("default", "equalized")
     cached_cost = _cached_step_cost(evaluator) if "cache" in settings.passes else 0.2
     return default_trials(settings.passes, targets, num_steps=settings.steps, placements=placements,
                           cached_cost=cached_cost)
+
+
+def _placement_note(settings: OptimizeSettings, evaluator: Evaluator, targets: Sequence[float]) -> str | None:
+    """Why equalized placement falls back to default spacing on this pipeline, or None when it works.
+
+    Runs the steps pass once (its density measurement is cached for the trials that follow), since some
+    schedulers take custom steps in general but not in their configuration (DPM-Solver++ with flow sigmas).
+    """
+    from accelkit.passes.steps import StepsConfig, placement_unavailable
+
+    if "steps" not in settings.passes:
+        return None
+    static = placement_unavailable(getattr(evaluator.calib.pipe, "scheduler", None))
+    count = fewer_steps_for(settings.steps, targets[0])
+    if static or count is None or count >= settings.steps:
+        return static
+    try:
+        _, results = run_passes(evaluator.base, [StepsConfig(num_steps=count, placement="equalized")], evaluator.calib)
+    except Exception as error:  # noqa: BLE001 - trials will record the failure themselves
+        return str(error).splitlines()[0] if str(error) else type(error).__name__
+    return results["steps"].stats.get("placement_note")
 
 
 def _cached_step_cost(evaluator: Evaluator) -> float:
@@ -884,11 +903,9 @@ def _finish(settings: OptimizeSettings, study: Any, evaluator: Evaluator, target
         "Fidelity: PSNR/SSIM in float against the full-step baseline with the same seeds, on held-out prompts; "
         "the search itself used the calibration prompts.",
     ]
-    from accelkit.passes.steps import placement_unavailable
-
-    unavailable = placement_unavailable(getattr(evaluator.calib.pipe, "scheduler", None))
-    if unavailable and "steps" in settings.passes:
-        notes.append(f"Step placement: default spacing only ({unavailable}).")
+    unavailable = _placement_note(settings, evaluator, targets)
+    if unavailable:
+        notes.append(f"Step placement: {unavailable}.")
     notes.append(f"Selection: the best {VALIDATION_TOP} feasible trials per budget were re-scored on "
                  f"{len(validation_prompts)} validation prompts (disjoint from calibration and evaluation); a plan "
                  "is chosen only if it scores at least the fewer-steps plan meeting the same budget there.")
