@@ -936,16 +936,31 @@ class _Validation:
     def __init__(self, evaluator: Evaluator, prompts: list[str]) -> None:
         self.evaluator, self.prompts = evaluator, prompts
         self._baseline: torch.Tensor | None = None
-        self._scores: dict[str, float] = {}
+        self._programs: dict[str, Program] = {}
+        self._scores: dict[tuple, float] = {}
+
+    def program(self, resolved: dict[str, Any]) -> Program:
+        key = json.dumps(resolved, sort_keys=True, default=repr)
+        if key not in self._programs:
+            self._programs[key] = _program_from_resolved(self.evaluator, resolved)
+        return self._programs[key]
+
+    def signature(self, resolved: dict[str, Any]) -> tuple:
+        """What the plan runs; two configs with one signature make the same images (e.g. a no-op cache)."""
+        program = self.program(resolved)
+        acting = {name: data for name, data in resolved.items()
+                  if name != "steps" and not config_from_dict(name, data).is_noop()}
+        return (program.num_steps, program.sigmas, program.timestep_kind, program.schedule,
+                json.dumps(acting, sort_keys=True, default=repr))
 
     def psnr(self, resolved: dict[str, Any]) -> float:
-        key = json.dumps(resolved, sort_keys=True, default=repr)
+        key = self.signature(resolved)
         if key not in self._scores:
             if self._baseline is None:
                 self._baseline = self.evaluator.calib.generate(
                     self.evaluator.base, self.prompts, seed_offset=VALIDATION_SEED_OFFSET).images
-            program = _program_from_resolved(self.evaluator, resolved)
-            metrics, _ = self.evaluator.fidelity(program, self.prompts, self._baseline, VALIDATION_SEED_OFFSET)
+            metrics, _ = self.evaluator.fidelity(self.program(resolved), self.prompts, self._baseline,
+                                                 VALIDATION_SEED_OFFSET)
             self._scores[key] = float(metrics["psnr"])
         return self._scores[key]
 
@@ -968,14 +983,16 @@ class _Choice:
                      "prompts)" if self.best_other is not None else " (no other plan met this budget)")
             return (f"The other passes did not help on this model with {scheduler}: running {fewer} of {total} "
                     f"steps is the plan{other}.")
+        chosen = ("" if self.fewer_steps_psnr is None else
+                  f"chosen on validation prompts, {self.best_other:.1f} vs {self.fewer_steps_psnr:.1f} dB")
         gain = psnr - fewer_psnr
-        return (f"Beats running {fewer} of {total} steps with {scheduler} by {gain:+.1f} dB on held-out prompts "
-                f"({psnr:.1f} vs {fewer_psnr:.1f} dB; chosen on validation prompts, "
-                f"{self.best_other:.1f} vs {self.fewer_steps_psnr:.1f} dB).")
-
-
-def _same_plan(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    return json.dumps(a, sort_keys=True, default=repr) == json.dumps(b, sort_keys=True, default=repr)
+        if gain >= 0:
+            return (f"Beats running {fewer} of {total} steps with {scheduler} by {gain:+.1f} dB on held-out prompts "
+                    f"({psnr:.1f} vs {fewer_psnr:.1f} dB; {chosen or 'fewer steps cannot reach this budget'}).")
+        return (f"Beat running {fewer} of {total} steps with {scheduler} on validation prompts "
+                f"({chosen.removeprefix('chosen on validation prompts, ')}) but not on held-out prompts "
+                f"({psnr:.1f} vs {fewer_psnr:.1f} dB, {gain:+.1f} dB): the difference does not generalize; "
+                "more validation prompts would tell them apart.")
 
 
 def _choose(evaluator: Evaluator, feasible: Sequence[Any], fewer_steps: dict[str, Any] | None,
@@ -983,14 +1000,15 @@ def _choose(evaluator: Evaluator, feasible: Sequence[Any], fewer_steps: dict[str
     """The best of the top feasible trials on validation prompts, never below the fewer-steps plan.
 
     ``fewer_steps`` is the resolved plan of the most sampler steps alone meeting the budget (None
-    when fewer steps cannot reach it). A trial must score at least its validation PSNR to be chosen;
-    otherwise the plan is the fewer-steps plan itself.
+    when fewer steps cannot reach it). Trials that run the same program as it do not take a place
+    among the :data:`VALIDATION_TOP` re-scored; a trial must score above its validation PSNR to be
+    chosen; otherwise the plan is the fewer-steps plan itself.
     """
-    ranked = sorted(feasible, key=lambda t: t.values[1], reverse=True)[:VALIDATION_TOP]
+    reference = validation.signature(fewer_steps) if fewer_steps is not None else None
+    others = [t for t in feasible if reference is None or validation.signature(t.user_attrs["passes"]) != reference]
+    ranked = sorted(others, key=lambda t: t.values[1], reverse=True)[:VALIDATION_TOP]
     scored = [(validation.psnr(t.user_attrs["passes"]), t) for t in ranked]
-    others = [(score, t) for score, t in scored
-              if fewer_steps is None or not _same_plan(t.user_attrs["passes"], fewer_steps)]
-    best_other = max(others, key=lambda pair: pair[0]) if others else None
+    best_other = max(scored, key=lambda pair: pair[0]) if scored else None
     if fewer_steps is None:
         if best_other is None:
             return _Choice(None, None, False, None, None, "validation: no feasible trial")
@@ -999,11 +1017,11 @@ def _choose(evaluator: Evaluator, feasible: Sequence[Any], fewer_steps: dict[str
                        f"validation: trial #{trial.number} {score:.2f} dB (fewer steps cannot reach the budget)")
     fewer_score = validation.psnr(fewer_steps)
     line = ", ".join(f"#{t.number} {score:.2f} dB" for score, t in scored)
-    log = f"validation: fewer steps {fewer_score:.2f} dB; top trials {line or 'none'}"
+    log = f"validation: fewer steps {fewer_score:.2f} dB; top other trials {line or 'none'}"
     if best_other is not None and best_other[0] > fewer_score:
         score, trial = best_other
         return _Choice(trial.user_attrs["passes"], trial.number, False, score, fewer_score, log)
-    same = next((t for _, t in scored if _same_plan(t.user_attrs["passes"], fewer_steps)), None)
+    same = next((t for t in feasible if validation.signature(t.user_attrs["passes"]) == reference), None)
     return _Choice(fewer_steps, same.number if same is not None else None, True,
                    best_other[0] if best_other else None, fewer_score, log)
 

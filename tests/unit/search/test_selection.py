@@ -95,6 +95,9 @@ class _FakeValidation:
     def psnr(self, resolved):
         return self.scores[json.dumps(resolved, sort_keys=True)]
 
+    def signature(self, resolved):
+        return json.dumps(resolved, sort_keys=True)
+
 
 def _trial(number, calibration_psnr, plan):
     return types.SimpleNamespace(number=number, values=(1.0, calibration_psnr), user_attrs={"passes": plan})
@@ -114,6 +117,11 @@ def test_choose_never_returns_a_plan_below_fewer_steps_on_validation():
     choice = _choose(None, trials, fewer, _FakeValidation(scores))
     assert not choice.is_fewer_steps and choice.trial == 1 and choice.resolved == other
     assert "Beats running 6 of 20 steps" in choice.verdict("X", 6, 20, 24.5, 23.0)
+    assert "does not generalize" in choice.verdict("X", 6, 20, 22.0, 23.0)  # held-out said otherwise
+    # a trial running the fewer-steps program itself takes no validation place and is not "another plan"
+    same = _trial(2, 40.0, fewer)
+    choice = _choose(None, [same, *trials], fewer, _FakeValidation(scores))
+    assert choice.trial == 1 and choice.best_other == 24.0
     # without feasible trials the fewer-steps plan still meets the budget
     assert _choose(None, [], fewer, _FakeValidation(scores)).resolved == fewer
     # fewer steps cannot reach it: the best validated trial, or nothing
