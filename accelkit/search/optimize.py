@@ -1,10 +1,18 @@
 """``accelkit optimize``: tune the passes together so each budget is met at the best fidelity.
 
 One Optuna study per run (SQLite in ``OUT`` unless ``storage`` names another database), two
-objectives (cost down, PSNR up on calibration prompts), the lowest budget as a constraint. Per
-budget the feasible trial with the best calibration PSNR becomes ``OUT/plans/<budget>/``; it is then
-evaluated on held-out prompts against the baseline and against the trivial way to be N× faster
-(the sampler with N× fewer steps), and everything goes into ``OUT/report/``.
+objectives (cost down, PSNR up on calibration prompts), the lowest budget as a constraint. The first
+trials are guaranteed candidates: per budget, the most sampler steps alone that meet it (default
+spacing, then equalized placement where the scheduler takes custom steps), then a fewer-steps + cache
+split (:func:`accelkit.search.space.default_trials`), so ``--trials`` >= the number of budgets meets
+every budget fewer steps can reach.
+
+Three disjoint prompt sets (:func:`_prompt_sets`): trials are scored on calibration prompts; per budget
+the best :data:`VALIDATION_TOP` feasible trials are re-scored on validation prompts, and one is chosen
+only if it scores above the fewer-steps plan meeting the same budget there; otherwise the plan *is*
+that fewer-steps plan and the report says in words that the other passes did not help. The chosen plan
+becomes ``OUT/plans/<budget>/`` and is evaluated on the evaluation prompts (used for nothing else)
+against the baseline and the fewer-steps reference; everything goes into ``OUT/report/``.
 
 The setup (model, prompts, capture, calibrator, baseline, evaluator, study) is :func:`prepare_search`,
 shared by ``accelkit optimize`` and by distributed workers (``accelkit search --worker``, see
