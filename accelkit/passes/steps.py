@@ -475,7 +475,8 @@ def steps(program: Program, config: StepsConfig, calib: Any) -> PassResult:
 
     Raises:
         InputError: a schedule that is not all full steps, per-step scalars already set, or equalized
-            placement on a scheduler that does not support it or without calibration data.
+            placement without calibration data. (A scheduler that cannot take the placed steps is no
+            error: the steps keep the default spacing and ``stats["placement_note"]`` says why.)
     """
     before = program.num_steps
     if config.is_noop():
