@@ -67,6 +67,9 @@ class CacheConfig(PassConfig):
         weighting: gap weight in the DP cost: ``"none"``, ``"linear"`` (g - 1) or ``"quadratic"``.
         max_gap: longest allowed gap between full steps (None: unbounded).
         warmup: leading steps forced to compute fully.
+        solver_gap: under a multistep sampler of order p (DPM-Solver++, UniPC), cap the gap between
+            full steps at p, so each step's update has at least one exact model output in the
+            solver's history of outputs (DP schedule only; no effect with a one-step sampler).
         full_step_mask: the resolved schedule as the list of full step indices; when given, no
             calibration runs (plans store it).
     """
@@ -80,6 +83,7 @@ class CacheConfig(PassConfig):
     weighting: str = "quadratic"
     max_gap: int | None = None
     warmup: int = 0
+    solver_gap: bool = False
     full_step_mask: tuple[int, ...] | None = None
 
     SEARCH_SPACE: ClassVar = {
@@ -91,6 +95,8 @@ class CacheConfig(PassConfig):
         "prior": Choice(("residual", "feature")),
         "weighting": Choice(schedules.WEIGHTINGS),
         "warmup": IntRange(0, 2),
+        # solver_gap is not searched: on zoo:shapes the DP already alternates full and cached steps
+        # under DPM-Solver++ 2M / UniPC, so the cap changed no schedule (BENCHMARKS.md, issue 18).
     }
 
     def __post_init__(self) -> None:
@@ -415,6 +421,10 @@ def cache(program: Program, config: CacheConfig, calib: Any) -> PassResult:
         if calib is None:
             raise InputError("the DP cache schedule needs calibration data; pass a Calibrator or a full_step_mask")
         max_gap = config.max_gap or max(2, int(np.ceil(steps / max(full_steps - 1, 1))) * 2)
+        order = _multistep_order(calib) if config.solver_gap else 1
+        if order > 1:
+            max_gap = min(max_gap, order)
+            stats["solver_order_gap"] = order
         if config.prior == "end_to_end":
             key = calib.cache_key("cache-e2e", program, span=[span.start, span.stop],
                                   approximation=config.approximation, max_gap=max_gap)
@@ -437,7 +447,7 @@ def cache(program: Program, config: CacheConfig, calib: Any) -> PassResult:
             prior = calib.cached_array(key, lambda: profile_prior(calib, probe, config.prior, interval))
             try:
                 mask = schedules.dp_schedule(prior, full_steps, weighting=config.weighting,
-                                             max_gap=config.max_gap, warmup=warmup)
+                                             max_gap=max_gap if order > 1 else config.max_gap, warmup=warmup)
             except ValueError as error:
                 raise InputError(f"cache: {error}; allow more full steps or less warm-up") from None
             objective = schedules.schedule_objective(prior, mask, config.weighting)
@@ -453,6 +463,12 @@ def cache(program: Program, config: CacheConfig, calib: Any) -> PassResult:
     stats.update(full_steps=int(mask.sum()), schedule=schedules.describe_schedule(mask))
     resolved = CacheConfig(**{**config.to_dict(), "full_step_mask": tuple(int(i) for i in np.flatnonzero(mask))})
     return PassResult(new_program, modified=True, stats=stats, resolved_config=resolved)
+
+
+def _multistep_order(calib: Any) -> int:
+    """The order of the calibration pipeline's multistep sampler (1 for one-step samplers)."""
+    config = getattr(getattr(getattr(calib, "pipe", None), "scheduler", None), "config", {}) or {}
+    return int(config.get("solver_order") or 1)
 
 
 def _apply_weighting(costs: np.ndarray, weighting: str) -> np.ndarray:

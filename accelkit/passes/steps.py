@@ -12,11 +12,14 @@ steps so that each makes about the same local error, in the spirit of SDM-style 
 * :func:`accelkit.passes._step_placement.equalize_local_error` turns the density into ``n + 1``
   boundaries (blended with the default ``n``-step spacing by ``blend``).
 
-Only ``FlowMatchEulerDiscreteScheduler`` supports equalized placement. Its ``set_timesteps(sigmas=...)``
-takes *unshifted* sigmas and shifts them itself (static ``shift`` or resolution-dependent ``mu``), then
-appends the terminal 0; the pass therefore maps the chosen (effective) sigmas back through the
-scheduler's own shift, with the ``mu`` the pipeline passes, and stores those pipeline-argument values in
-``Program.sigmas``. The effective sigmas are reported in the stats.
+Every scheduler whose ``set_timesteps`` takes custom ``sigmas`` or ``timesteps`` supports equalized
+placement (FlowMatch Euler, Euler, DPM-Solver++ multistep, UniPC with flow sigmas, ...). The steps are
+placed in the scheduler's own sigma coordinate, with the solver's order in the local-error exponent;
+the chosen (effective) sigmas are mapped back to pipeline arguments by bisection against the
+scheduler itself (whatever its shift, ``mu`` or timestep table), and stored in ``Program.sigmas`` with
+``Program.timestep_kind`` naming the argument. A scheduler that takes neither (DDIM, Euler ancestral
+in diffusers 0.42), or rejects custom steps in its configuration, keeps the default spacing: the pass
+then records why in ``stats["placement_note"]`` instead of failing.
 """
 
 from __future__ import annotations
@@ -43,10 +46,19 @@ from accelkit.passes.base import (
     register_pass,
 )
 
-__all__ = ["PLACEMENTS", "StepsConfig", "error_density", "pipeline_schedule", "steps"]
+__all__ = [
+    "PLACEMENTS",
+    "PlacementUnavailable",
+    "StepsConfig",
+    "error_density",
+    "pipeline_schedule",
+    "placement_unavailable",
+    "solver_order",
+    "steps",
+]
 
 PLACEMENTS = ("default", "equalized")
-FLOW_MATCH_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
+TIMESTEP_KINDS = ("sigmas", "timesteps")
 # Scheduler options that resample or reshape the whole sigma array (not pointwise), so chosen
 # sigmas could not be mapped back to the pipeline's ``sigmas`` argument.
 _UNSUPPORTED_OPTIONS = (
@@ -70,9 +82,11 @@ class StepsConfig(PassConfig):
             (equal estimated local error per step; flow-matching schedulers only; needs calibration).
         blend: mix between the default spacing (0) and the fully equalized one (1); equalized only.
         num_steps: explicit step count; overrides ``fraction``.
-        sigmas: explicit values of the pipeline's ``sigmas`` argument, one per step (unshifted, no
-            terminal 0, as ``FlowMatchEulerDiscreteScheduler.set_timesteps(sigmas=...)`` takes them);
-            when given no calibration runs (plans store them).
+        sigmas: explicit values of the pipeline argument named by ``timestep_kind``, one per step
+            (``sigmas``: as the scheduler's ``set_timesteps(sigmas=...)`` takes them, e.g. unshifted and
+            without the terminal 0 for FlowMatch; ``timesteps``: training timesteps); when given no
+            calibration runs (plans store them).
+        timestep_kind: which pipeline argument ``sigmas`` feeds: ``"sigmas"`` or ``"timesteps"``.
     """
 
     fraction: float = 1.0
@@ -80,9 +94,11 @@ class StepsConfig(PassConfig):
     blend: float = 1.0
     num_steps: int | None = None
     sigmas: tuple[float, ...] | None = None
+    timestep_kind: str = "sigmas"
 
     SEARCH_SPACE: ClassVar = {
-        "fraction": FloatRange(0.2, 1.0),
+        # Down to 0.1: fewer steps alone must be able to reach 5x-10x budgets.
+        "fraction": FloatRange(0.1, 1.0),
         "placement": Choice(PLACEMENTS),
         "blend": FloatRange(0.25, 1.0),
     }
@@ -104,11 +120,15 @@ class StepsConfig(PassConfig):
             isinstance(self.num_steps, bool) or not isinstance(self.num_steps, int) or self.num_steps < 1
         ):
             raise InputError(f"steps.num_steps must be an integer >= 1 or None, got {self.num_steps!r}")
+        if self.timestep_kind not in TIMESTEP_KINDS:
+            raise InputError(f"steps.timestep_kind must be one of {TIMESTEP_KINDS}, got {self.timestep_kind!r}")
         if self.sigmas is not None:
             values = np.asarray(self.sigmas, dtype=np.float64) if len(self.sigmas) else np.zeros(0)
             if values.ndim != 1 or values.size == 0:
                 raise InputError("steps.sigmas must be a non-empty list of numbers (one per step) or None")
-            if not (np.all(np.isfinite(values)) and np.all(values > 0) and np.all(np.diff(values) < 0)):
+            # Training timesteps may end at 0; sigmas may not.
+            floor_ok = np.all(values >= 0) if self.timestep_kind == "timesteps" else np.all(values > 0)
+            if not (np.all(np.isfinite(values)) and floor_ok and np.all(np.diff(values) < 0)):
                 raise InputError(
                     f"steps.sigmas must be positive and strictly decreasing, got {list(self.sigmas)}"
                 )
@@ -207,45 +227,107 @@ def pipeline_schedule(calib: Any, num_steps: int) -> PipelineSchedule:
     return PipelineSchedule(sigmas, extra)
 
 
-def _check_flow_match(scheduler: Any) -> None:
+class PlacementUnavailable(Exception):
+    """Equalized placement cannot be expressed through this scheduler; the steps keep default spacing."""
+
+
+def _custom_argument(scheduler: Any) -> str | None:
+    """The ``set_timesteps`` argument that places steps: ``"sigmas"`` preferred, else ``"timesteps"``."""
+    try:
+        parameters = inspect.signature(scheduler.set_timesteps).parameters
+    except (TypeError, ValueError):
+        return None
+    for kind in ("sigmas", "timesteps"):
+        if kind in parameters:
+            return kind
+    return None
+
+
+def placement_unavailable(scheduler: Any) -> str | None:
+    """Why equalized placement cannot run on ``scheduler`` (one line), or None when it may.
+
+    Static checks only (the argument it takes, options that resample the whole schedule); the pass
+    also probes the scheduler and falls back to default spacing when the chosen steps cannot be
+    expressed through it.
+    """
     name = type(scheduler).__name__
-    if name not in FLOW_MATCH_SCHEDULERS:
-        raise InputError(
-            f"steps.placement='equalized' needs a flow-matching scheduler ({', '.join(FLOW_MATCH_SCHEDULERS)}), "
-            f"but the pipeline uses {name}; use steps.placement='default'"
-        )
+    if _custom_argument(scheduler) is None:
+        return f"{name} accepts no custom timesteps or sigmas"
     config = getattr(scheduler, "config", {})
     used = [option for option in _UNSUPPORTED_OPTIONS if config.get(option)]
     if used:
-        raise InputError(
-            f"steps.placement='equalized' does not support {name} with {', '.join(used)} set; "
-            "use steps.placement='default'"
-        )
+        return f"{name} with {', '.join(used)} resamples the whole schedule"
+    return None
 
 
-def _apply_shift(scheduler: Any, arguments: np.ndarray, extra: dict[str, Any]) -> np.ndarray:
-    """Effective sigmas the scheduler makes from pipeline ``sigmas`` arguments (no terminal value)."""
-    probe = copy.deepcopy(scheduler)
-    probe.set_timesteps(sigmas=[float(a) for a in arguments], **extra)
-    return np.asarray(probe.sigmas.detach().double().cpu())[:-1]
+def solver_order(scheduler: Any) -> int:
+    """The order of the scheduler's solver (the exponent of the local-error model)."""
+    config = getattr(scheduler, "config", {})
+    if config.get("solver_order"):
+        return int(config["solver_order"])
+    return 2 if type(scheduler).__name__.startswith("Heun") else 1
 
 
-def _unshift(scheduler: Any, targets: np.ndarray, extra: dict[str, Any]) -> np.ndarray:
-    """Pipeline ``sigmas`` arguments whose shifted values are ``targets``.
+@dataclass(frozen=True)
+class _ArgumentMap:
+    """Pipeline ``sigmas``/``timesteps`` arguments -> the effective sigmas the scheduler makes of them.
 
-    The scheduler's shift (static, or exponential/linear with ``mu``) is increasing and pointwise, so
-    a vectorised bisection against the scheduler itself inverts it whatever its form.
+    The map is increasing and pointwise (a larger argument gives a larger sigma) for every scheduler
+    that takes custom steps, so a vectorised bisection against the scheduler itself inverts it
+    whatever its shift, spacing or timestep table.
     """
-    low = np.zeros_like(targets)
-    high = np.ones_like(targets)
-    for _ in range(60):
-        mid = 0.5 * (low + high)
-        shifted = _apply_shift(scheduler, np.maximum(mid, 1e-12), extra)
-        above = shifted >= targets
-        high = np.where(above, mid, high)
-        low = np.where(above, low, mid)
-    # The scheduler casts its arguments to float32; round here so plans store what it will use.
-    return high.astype(np.float32).astype(np.float64)
+
+    scheduler: Any
+    kind: str
+    extra: dict[str, Any]
+    high: float
+
+    def apply(self, arguments: np.ndarray) -> np.ndarray:
+        """Effective sigmas (no terminal value) for ``arguments``, one per step."""
+        probe = copy.deepcopy(self.scheduler)
+        # An array, as the runtime passes it (UniPC's flow path cannot shift a list).
+        probe.set_timesteps(**{self.kind: np.asarray(arguments, dtype=np.float64)}, **self.extra)
+        sigmas = np.asarray(torch.as_tensor(probe.sigmas).detach().double().cpu().reshape(-1))
+        if sigmas.size != len(arguments) + 1:
+            raise PlacementUnavailable(
+                f"{type(self.scheduler).__name__} makes {sigmas.size - 1} steps of {len(arguments)} custom {self.kind}"
+            )
+        return sigmas[:-1]
+
+    def invert(self, targets: np.ndarray) -> np.ndarray:
+        top = self.high
+        # Sigma arguments of Karras-style schedulers are not bounded by 1: widen until they cover.
+        while top < 1e6 and self.apply(np.full(targets.size, top))[0] < targets.max():
+            top *= 2
+        low, high = np.zeros_like(targets), np.full_like(targets, top)
+        for _ in range(60):
+            mid = 0.5 * (low + high)
+            above = self.apply(np.maximum(mid, 1e-12)) >= targets
+            high = np.where(above, mid, high)
+            low = np.where(above, low, mid)
+        # The schedulers cast arguments to float32; round here so plans store what they will use.
+        return high.astype(np.float32).astype(np.float64)
+
+
+def _argument_map(scheduler: Any, extra: dict[str, Any], count: int) -> _ArgumentMap:
+    reason = placement_unavailable(scheduler)
+    if reason is not None:
+        raise PlacementUnavailable(reason)
+    name = type(scheduler).__name__
+    kinds = [k for k in ("sigmas", "timesteps") if k in inspect.signature(scheduler.set_timesteps).parameters]
+    problems = []
+    for kind in kinds:
+        high = float(scheduler.config.get("num_train_timesteps", 1000)) - 1 if kind == "timesteps" else 1.0
+        mapping = _ArgumentMap(scheduler, kind, dict(extra), high)
+        try:
+            mapping.apply(np.linspace(mapping.high, mapping.high / count, count))
+            return mapping
+        except PlacementUnavailable as error:
+            problems.append(str(error))
+        except Exception as error:  # noqa: BLE001 - the scheduler rejects custom steps in this configuration
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            problems.append(f"{name} rejects custom {kind}: {first}")
+    raise PlacementUnavailable("; ".join(problems) or f"{name} accepts no custom timesteps or sigmas")
 
 
 # ---------------------------------------------------------------- error density
@@ -336,6 +418,51 @@ def _finite_list(values: np.ndarray | tuple[float, ...]) -> list[float]:
     return [float(v) for v in values]
 
 
+def _equalized(
+    calib: Any, program: Program, config: StepsConfig, before: int, count: int
+) -> tuple[tuple[float, ...], str, dict[str, Any]]:
+    """Pipeline arguments placing ``count`` steps at equal estimated local error, their kind, stats."""
+    scheduler = calib.pipe.scheduler
+    reason = placement_unavailable(scheduler)
+    if reason is not None:
+        raise PlacementUnavailable(reason)
+    try:
+        baseline = pipeline_schedule(calib, before)
+        reference = pipeline_schedule(calib, count)
+    except (InputError, AttributeError) as error:  # e.g. Heun runs 2n - 1 sigmas for n steps
+        raise PlacementUnavailable(str(error).split(";")[0]) from None
+    extra = reference.set_timesteps_kwargs
+    mapping = _argument_map(scheduler, extra, count)
+    key = calib.cache_key("steps-density", program)
+    density = calib.cached_array(key, lambda: _measure_density(calib, program, baseline.sigmas))
+    order = solver_order(scheduler)
+    effective = equalize_local_error(
+        baseline.sigmas, density, count, order=order, blend=config.blend, reference=reference.sigmas
+    )
+    values = mapping.invert(effective[:-1])
+    reached = mapping.apply(values)
+    if mapping.kind == "sigmas":
+        exact = np.allclose(reached, effective[:-1], rtol=1e-5, atol=1e-6)
+    else:  # integer timestep tables move each step to its nearest entry: only the order must hold
+        exact = True
+    if not exact or not np.all(np.diff(values) < 0) or not np.all(np.diff(reached) < 0):
+        raise PlacementUnavailable(
+            f"the equalized steps cannot be expressed through {type(scheduler).__name__}'s {mapping.kind}"
+        )
+    stats: dict[str, Any] = dict(
+        blend=config.blend,
+        solver_order=order,
+        timestep_kind=mapping.kind,
+        density=_finite_list(density),
+        baseline_sigmas=_finite_list(baseline.sigmas),
+        effective_sigmas=_finite_list(np.concatenate([reached, effective[-1:]])),
+    )
+    mu = extra.get("mu")
+    if mu is not None and isinstance(mu, int | float) and math.isfinite(float(mu)):
+        stats["mu"] = float(mu)
+    return tuple(float(v) for v in values), mapping.kind, stats
+
+
 @register_pass(StepsConfig, name="steps")
 def steps(program: Program, config: StepsConfig, calib: Any) -> PassResult:
     """Set the number of denoising steps and, for equalized placement, their sigmas.
@@ -348,7 +475,8 @@ def steps(program: Program, config: StepsConfig, calib: Any) -> PassResult:
 
     Raises:
         InputError: a schedule that is not all full steps, per-step scalars already set, or equalized
-            placement on a scheduler that does not support it or without calibration data.
+            placement without calibration data. (A scheduler that cannot take the placed steps is no
+            error: the steps keep the default spacing and ``stats["placement_note"]`` says why.)
     """
     before = program.num_steps
     if config.is_noop():
@@ -369,7 +497,7 @@ def steps(program: Program, config: StepsConfig, calib: Any) -> PassResult:
         )
     count = config.resolve_num_steps(before)
     stats: dict[str, Any] = {"steps_before": before, "steps_after": count, "placement": config.placement}
-    effective: np.ndarray | None = None
+    kind = config.timestep_kind
     if config.sigmas is not None:
         arguments: tuple[float, ...] | None = tuple(float(s) for s in config.sigmas)
         stats["placement"] = "explicit"
@@ -380,43 +508,25 @@ def steps(program: Program, config: StepsConfig, calib: Any) -> PassResult:
             raise InputError(
                 "steps.placement='equalized' needs calibration data; pass a Calibrator or steps.sigmas"
             )
-        scheduler = calib.pipe.scheduler
-        _check_flow_match(scheduler)
-        baseline = pipeline_schedule(calib, before)
-        reference = pipeline_schedule(calib, count)
-        key = calib.cache_key("steps-density", program)
-        density = calib.cached_array(key, lambda: _measure_density(calib, program, baseline.sigmas))
-        effective = equalize_local_error(
-            baseline.sigmas, density, count, order=1, blend=config.blend, reference=reference.sigmas
-        )
-        extra = reference.set_timesteps_kwargs
-        values = _unshift(scheduler, effective[:-1], extra)
-        reached = _apply_shift(scheduler, values, extra)
-        if not np.allclose(reached, effective[:-1], rtol=1e-5, atol=1e-6) or not np.all(np.diff(values) < 0):
-            raise InputError(
-                f"could not express the equalized sigmas through {type(scheduler).__name__}'s shift; "
-                "use steps.placement='default'"
-            )
-        arguments = tuple(float(v) for v in values)
-        stats.update(
-            blend=config.blend,
-            density=_finite_list(density),
-            baseline_sigmas=_finite_list(baseline.sigmas),
-            effective_sigmas=_finite_list(effective),
-        )
-        mu = extra.get("mu")
-        if mu is not None and isinstance(mu, int | float) and math.isfinite(float(mu)):
-            stats["mu"] = float(mu)
+        try:
+            arguments, kind, placed = _equalized(calib, program, config, before, count)
+            stats.update(placed)
+        except PlacementUnavailable as reason:
+            # Not an error: the search asks every scheduler; those that take no custom steps run
+            # the default spacing, and the stats say why (describe_plan puts it in the report).
+            arguments = None
+            stats.update(placement="default", placement_note=f"default spacing: {reason}")
     stats["sigmas"] = None if arguments is None else list(arguments)
     resolved = StepsConfig(
         fraction=config.fraction,
-        placement=config.placement,
+        placement="default" if "placement_note" in stats else config.placement,
         blend=config.blend,
         num_steps=count,
         sigmas=arguments,
+        timestep_kind=kind,
     )
     if count == before and arguments is None and program.sigmas is None:
         # Same step count at the pipeline's own spacing: the program is already that.
         return PassResult(program, modified=False, stats=stats, resolved_config=resolved)
-    new_program = program.replace(schedule=("full",) * count, sigmas=arguments, timestep_kind="sigmas")
+    new_program = program.replace(schedule=("full",) * count, sigmas=arguments, timestep_kind=kind)
     return PassResult(new_program, modified=True, stats=stats, resolved_config=resolved)

@@ -395,6 +395,8 @@ def _budget_html(k: int, budget: BudgetReport, rows: list[dict[str, Any]]) -> st
     )
     if budget.plan_summary:
         out.append(f"<p><b>Plan:</b> {_e(budget.plan_summary)}</p>")
+    if budget.verdict:
+        out.append(f"<p><b>Against fewer steps:</b> {_e(budget.verdict)}</p>")
     recovery = budget.extra.get("recovery")
     if isinstance(recovery, dict):
         out.append(_recovery_html(recovery))

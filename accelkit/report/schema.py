@@ -28,7 +28,7 @@ _PSNR_CAP_DB = 100.0
 
 # Keys the dataclasses own; any other key read from JSON is carried in ``extra``.
 _BUDGET_KEYS = frozenset(
-    "budget target_speedup met speedup fidelity weights_bytes passes references ablations plan_summary "
+    "budget target_speedup met speedup fidelity weights_bytes passes references ablations plan_summary verdict "
     "eval_prompts latency_ms images".split()
 )
 _TOP_KEYS = frozenset(
@@ -357,6 +357,8 @@ class BudgetReport:
         references: name -> trivial alternative (``"fewer_steps"``, ``"uniform_cache"``...).
         ablations: pass name -> tables that pass adds (nested dicts/lists of scalars).
         plan_summary: the plan in one human sentence.
+        verdict: how the plan compares with running fewer steps, in words (e.g. that the other passes
+            did not help on this model and sampler, so the plan is the fewer-steps plan).
         eval_prompts: the evaluation prompts.
         prompts: caption of each image (defaults to ``eval_prompts``).
         baseline_images: baseline outputs, float ``(N, 3, H, W)`` in ``[0, 1]`` or a PIL list.
@@ -376,6 +378,7 @@ class BudgetReport:
     references: dict[str, ReferencePoint] = field(default_factory=dict)
     ablations: dict[str, Any] = field(default_factory=dict)
     plan_summary: str = ""
+    verdict: str = ""
     eval_prompts: tuple[str, ...] = ()
     prompts: tuple[str, ...] = ()
     baseline_images: Any = None
@@ -430,6 +433,7 @@ class BudgetReport:
             "references": refs,
             "ablations": self.ablations,
             "plan_summary": self.plan_summary,
+            "verdict": self.verdict,
             "eval_prompts": list(self.eval_prompts),
         }
         if self.latency_ms is not None:
@@ -465,6 +469,7 @@ class BudgetReport:
             references={k: ReferencePoint.from_json(v, k, root) for k, v in refs.items()},
             ablations=dict(_req(obj, "ablations", where) or {}),
             plan_summary=str(obj.get("plan_summary", "")),
+            verdict=str(obj.get("verdict", "")),
             eval_prompts=tuple(str(p) for p in obj.get("eval_prompts", ())),
             prompts=tuple(str(p) for p in imgs.get("captions", ())),
             baseline_images=_load_images(root, imgs.get("baseline")),

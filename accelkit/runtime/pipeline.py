@@ -198,7 +198,8 @@ class AcceleratedPipeline:
                     f"{type(self.pipe).__name__} does not accept custom {kind}: the plan's step schedule "
                     "cannot be applied to it; optimize without the 'steps' pass"
                 )
-            kwargs[kind] = list(self.program.sigmas)
+            # An array: UniPC's flow path shifts it with numpy (a list fails there).
+            kwargs[kind] = np.asarray(self.program.sigmas, dtype=np.float64)
         self.forward.reset()
         return self.pipe(*args, **kwargs)
 

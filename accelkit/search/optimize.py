@@ -1,10 +1,18 @@
 """``accelkit optimize``: tune the passes together so each budget is met at the best fidelity.
 
 One Optuna study per run (SQLite in ``OUT`` unless ``storage`` names another database), two
-objectives (cost down, PSNR up on calibration prompts), the lowest budget as a constraint. Per
-budget the feasible trial with the best calibration PSNR becomes ``OUT/plans/<budget>/``; it is then
-evaluated on held-out prompts against the baseline and against the trivial way to be N× faster
-(the sampler with N× fewer steps), and everything goes into ``OUT/report/``.
+objectives (cost down, PSNR up on calibration prompts), the lowest budget as a constraint. The first
+trials are guaranteed candidates: per budget, the most sampler steps alone that meet it (default
+spacing, then equalized placement where the scheduler takes custom steps), then a fewer-steps + cache
+split (:func:`accelkit.search.space.default_trials`), so ``--trials`` >= the number of budgets meets
+every budget fewer steps can reach.
+
+Three disjoint prompt sets (:func:`_prompt_sets`): trials are scored on calibration prompts; per budget
+the best :data:`VALIDATION_TOP` feasible trials are re-scored on validation prompts, and one is chosen
+only if it scores above the fewer-steps plan meeting the same budget there; otherwise the plan *is*
+that fewer-steps plan and the report says in words that the other passes did not help. The chosen plan
+becomes ``OUT/plans/<budget>/`` and is evaluated on the evaluation prompts (used for nothing else)
+against the baseline and the fewer-steps reference; everything goes into ``OUT/report/``.
 
 The setup (model, prompts, capture, calibrator, baseline, evaluator, study) is :func:`prepare_search`,
 shared by ``accelkit optimize`` and by distributed workers (``accelkit search --worker``, see
@@ -36,8 +44,9 @@ from accelkit.passes.base import (
     config_from_dict,
     run_passes,
 )
+from accelkit.search.space import BUDGET_TOLERANCE, fewer_steps_for
 
-SPEEDUP_TOLERANCE = 0.02
+SPEEDUP_TOLERANCE = BUDGET_TOLERANCE
 DEFAULT_PASSES = ("steps", "cache")
 
 
@@ -85,6 +94,8 @@ class OptimizeSettings:
     steps: int = 28
     num_prompts: int = 8
     num_eval_prompts: int = 8
+    #: Prompts the best few trials per budget are re-scored on before one is chosen.
+    num_val_prompts: int = 4
     prompts_file: str | None = None
     eval_prompts_file: str | None = None
     seed: int = 0
@@ -109,6 +120,7 @@ class OptimizeSettings:
     #: Explicit prompt lists (they win over files and counts); a report rebuilt from a study uses them.
     calibration_prompts: tuple[str, ...] | None = None
     evaluation_prompts: tuple[str, ...] | None = None
+    validation_prompts: tuple[str, ...] | None = None
 
 
 @dataclass
@@ -145,29 +157,70 @@ GENERIC_PROMPTS = (
 )
 
 
-def _prompt_sets(settings: OptimizeSettings, source: str) -> tuple[list[str], list[str]]:
+@dataclass(frozen=True)
+class PromptSets:
+    """Three disjoint prompt sets: trials score on calibration, the choice is made on validation,
+    the report measures on evaluation. ``warning`` is one line when a user's file was too small."""
+
+    calibration: list[str]
+    validation: list[str]
+    evaluation: list[str]
+    warning: str | None = None
+
+
+def _split_prompts(prompts: list[str], sizes: Sequence[int], source: str) -> tuple[list[list[str]], str | None]:
+    """``prompts`` cut into consecutive disjoint parts of ``sizes``; shrunk in proportion when too few."""
+    wanted = sum(sizes)
+    if len(prompts) >= wanted:
+        parts, start = [], 0
+        for size in sizes:
+            parts.append(prompts[start : start + size])
+            start += size
+        return parts, None
+    if len(prompts) < len(sizes):
+        # Too few to keep the sets apart: every set reuses all prompts.
+        return [list(prompts) for _ in sizes], (
+            f"warning: {source} holds {len(prompts)} prompt(s), fewer than the {len(sizes)} disjoint sets need; "
+            "all sets use the same prompts, so the scores are not held out")
+    shares = [max(1, math.floor(len(prompts) * size / wanted)) for size in sizes]
+    shares[0] += len(prompts) - sum(shares)
+    parts, start = [], 0
+    for size in shares:
+        parts.append(prompts[start : start + size])
+        start += size
+    return parts, (f"warning: {source} holds {len(prompts)} prompts, fewer than the {wanted} asked for; split "
+                   f"{'/'.join(map(str, shares))} into calibration/validation/evaluation")
+
+
+def _prompt_sets(settings: OptimizeSettings, source: str) -> PromptSets:
+    n_cal, n_val, n_eval = max(1, settings.num_prompts), max(1, settings.num_val_prompts), settings.num_eval_prompts
     if settings.calibration_prompts is not None and settings.evaluation_prompts is not None:
-        return list(settings.calibration_prompts), list(settings.evaluation_prompts)
+        validation = settings.validation_prompts
+        return PromptSets(list(settings.calibration_prompts),
+                          list(validation if validation else settings.calibration_prompts),
+                          list(settings.evaluation_prompts))
+    evaluation = _read_prompts(settings.eval_prompts_file)[: max(1, n_eval)] if settings.eval_prompts_file else None
+    warning = None
     if settings.prompts_file:
-        calibration = _read_prompts(settings.prompts_file)[: max(1, settings.num_prompts)]
+        # The user's prompts are split, never mixed with generic ones.
+        mine = [p for p in dict.fromkeys(_read_prompts(settings.prompts_file)) if p not in set(evaluation or ())]
+        sizes = [n_cal, n_val] + ([] if evaluation is not None else [n_eval])
+        parts, warning = _split_prompts(mine, sizes, f"--prompts {settings.prompts_file}")
+        calibration, validation = parts[0], parts[1]
+        evaluation = evaluation if evaluation is not None else parts[2]
     elif source == "zoo":
-        from accelkit.zoo import calibration_prompts
+        from accelkit.zoo import calibration_prompts, evaluation_prompts
 
-        calibration = list(calibration_prompts(settings.num_prompts))
+        pool = list(calibration_prompts())
+        calibration, validation = pool[:n_cal], pool[n_cal : n_cal + n_val] or pool[-n_val:]
+        evaluation = evaluation if evaluation is not None else list(evaluation_prompts(n_eval))
     else:
-        calibration = list(GENERIC_PROMPTS[: settings.num_prompts])
-    if settings.eval_prompts_file:
-        evaluation = _read_prompts(settings.eval_prompts_file)[: max(1, settings.num_eval_prompts)]
-    elif source == "zoo":
-        from accelkit.zoo import evaluation_prompts
-
-        evaluation = list(evaluation_prompts(settings.num_eval_prompts))
-    else:
-        evaluation = list(GENERIC_PROMPTS[::-1][: settings.num_eval_prompts])
-    overlap = set(calibration) & set(evaluation)
-    if overlap and not settings.eval_prompts_file:
-        evaluation = [p for p in evaluation if p not in overlap] or evaluation
-    return calibration, evaluation
+        pool = [p for p in GENERIC_PROMPTS if p not in set(evaluation or ())]
+        sizes = [n_cal, n_val] + ([] if evaluation is not None else [n_eval])
+        parts, _ = _split_prompts(pool, [min(s, max(1, len(pool) // len(sizes))) for s in sizes], "generic prompts")
+        calibration, validation = parts[0], parts[1]
+        evaluation = evaluation if evaluation is not None else parts[2]
+    return PromptSets(calibration, validation, evaluation, warning)
 
 
 def _generation_defaults(pipe: Any, settings: OptimizeSettings, source: str) -> dict[str, Any]:
@@ -353,7 +406,7 @@ def _redact(url: str) -> str:
 
 def study_settings(settings: OptimizeSettings, *, model_id: str, weights_hash: str, generation: dict,
                    calibration_prompts: Sequence[str], evaluation_prompts: Sequence[str], cost_target: str,
-                   targets: Sequence[float]) -> dict[str, Any]:
+                   targets: Sequence[float], validation_prompts: Sequence[str] = ()) -> dict[str, Any]:
     """What a study was created with: everything the baseline and the search depend on."""
     import accelkit
 
@@ -368,6 +421,7 @@ def study_settings(settings: OptimizeSettings, *, model_id: str, weights_hash: s
         "generation": {k: generation[k] for k in ("height", "width", "guidance_scale")},
         "calibration_prompts": list(calibration_prompts),
         "evaluation_prompts": list(evaluation_prompts),
+        "validation_prompts": list(validation_prompts),
         "cost": settings.cost,
         "cost_target": cost_target,
         "device": settings.device.split(":")[0],
@@ -444,6 +498,7 @@ class SearchSession:
     created: bool
     stored: dict[str, Any]
     out: Path | None
+    validation_prompts: list[str] = field(default_factory=list)
 
     def objective(self) -> Callable[[Any], tuple[float, float]]:
         """The trial function: build the program, check the speed, measure fidelity."""
@@ -526,6 +581,53 @@ def mark_interrupted(study: Any, trial_id: int | None) -> None:
         pass
 
 
+def _seed_trials(settings: OptimizeSettings, evaluator: Evaluator, targets: Sequence[float]) -> list[dict[str, Any]]:
+    """The guaranteed candidates (see :func:`accelkit.search.space.default_trials`) for this model."""
+    from accelkit.search.space import default_trials
+
+    placements = ("default",) if _placement_note(settings, evaluator, targets) else ("default", "equalized")
+    cached_cost = _cached_step_cost(evaluator) if "cache" in settings.passes else 0.2
+    return default_trials(settings.passes, targets, num_steps=settings.steps, placements=placements,
+                          cached_cost=cached_cost)
+
+
+def _placement_note(settings: OptimizeSettings, evaluator: Evaluator, targets: Sequence[float]) -> str | None:
+    """Why equalized placement falls back to default spacing on this pipeline, or None when it works.
+
+    Runs the steps pass once (its density measurement is cached for the trials that follow), since some
+    schedulers take custom steps in general but not in their configuration (DPM-Solver++ with flow sigmas).
+    """
+    from accelkit.passes.steps import StepsConfig, placement_unavailable
+
+    if "steps" not in settings.passes:
+        return None
+    static = placement_unavailable(getattr(evaluator.calib.pipe, "scheduler", None))
+    count = fewer_steps_for(settings.steps, targets[0])
+    if static or count is None or count >= settings.steps:
+        return static
+    try:
+        _, results = run_passes(evaluator.base, [StepsConfig(num_steps=count, placement="equalized")], evaluator.calib)
+    except Exception as error:  # noqa: BLE001 - trials will record the failure themselves
+        return str(error).splitlines()[0] if str(error) else type(error).__name__
+    return results["steps"].stats.get("placement_note")
+
+
+def _cached_step_cost(evaluator: Evaluator) -> float:
+    """Cost of a cached step relative to a full one, from a uniform cache (no calibration needed)."""
+    from accelkit.passes.cache import CacheConfig
+
+    steps = evaluator.base.num_steps
+    try:
+        program, _ = run_passes(evaluator.base, [CacheConfig(full_fraction=0.5, schedule="uniform")], None)
+    except Exception:  # noqa: BLE001 - a denoiser the cache cannot split: seeds fall back to a guess
+        return 0.2
+    full = sum(1 for name in program.schedule if name != "cached")
+    cached = steps - full
+    per_step = evaluator.base_cost.seconds / steps
+    ratio = (evaluator.cost(program).seconds / per_step - full) / max(cached, 1)
+    return float(min(0.95, max(0.01, ratio)))
+
+
 def prepare_search(settings: OptimizeSettings, *, role: str = "optimize", console: Any = None) -> SearchSession:
     """The setup shared by ``optimize``, workers and reports from a study.
 
@@ -547,8 +649,6 @@ def prepare_search(settings: OptimizeSettings, *, role: str = "optimize", consol
     from accelkit.capture import capture
     from accelkit.loading import load_pipeline, record_denoiser_calls, weights_fingerprint
     from accelkit.search.cost import device_spec
-    from accelkit.search.space import default_trials
-
     if role not in COMPARED_FIELDS:
         raise ValueError(f"unknown role {role!r}")
     say: Callable[[str], None] = (console.print if console is not None else (lambda *_: None))
@@ -564,7 +664,10 @@ def prepare_search(settings: OptimizeSettings, *, role: str = "optimize", consol
 
     loaded = load_pipeline(settings.model, device=settings.device)
     pipe = loaded.pipe
-    calibration_prompts, evaluation_prompts = _prompt_sets(settings, loaded.source)
+    prompt_sets = _prompt_sets(settings, loaded.source)
+    if prompt_sets.warning:
+        say(prompt_sets.warning)
+    calibration_prompts, evaluation_prompts = prompt_sets.calibration, prompt_sets.evaluation
     generation = _generation_defaults(pipe, settings, loaded.source)
     say(f"[bold]model[/] {loaded.model_id} ({type(loaded.denoiser).__name__}); {settings.steps} steps, "
         f"{generation['height']}x{generation['width']}, guidance {generation['guidance_scale']}")
@@ -572,7 +675,7 @@ def prepare_search(settings: OptimizeSettings, *, role: str = "optimize", consol
     cost_target = settings.cost_target or ("h100" if settings.device.startswith("cuda") else "cpu")
     mine = study_settings(settings, model_id=loaded.model_id, weights_hash=weights_hash, generation=generation,
                           calibration_prompts=calibration_prompts, evaluation_prompts=evaluation_prompts,
-                          cost_target=cost_target, targets=targets)
+                          cost_target=cost_target, targets=targets, validation_prompts=prompt_sets.validation)
 
     # The study first: a worker with other settings should fail before the costly capture and baseline.
     study_name = study_name_for(settings, loaded.model_id, weights_hash, generation)
@@ -612,16 +715,6 @@ def prepare_search(settings: OptimizeSettings, *, role: str = "optimize", consol
     stored = _check_or_store_settings(study, mine, role, created)
     if role != "report":
         study.set_metric_names(["cost", "psnr"])
-        if role == "optimize":
-            if not any(t.state.is_finished() for t in study.trials):
-                # Enqueue no more seeds than trials: leftovers would sit in the study as waiting trials.
-                for params in default_trials(settings.passes, targets)[: settings.trials]:
-                    study.enqueue_trial(params, skip_if_exists=True)
-        elif created:
-            # Only the worker that created the study seeds it (workers racing would enqueue twice).
-            for params in default_trials(settings.passes, targets):
-                study.enqueue_trial(params, skip_if_exists=True)
-
     calls = record_denoiser_calls(pipe, prompt=calibration_prompts[0], num_inference_steps=2,
                                   generator=torch.Generator("cpu").manual_seed(0), output_type="latent",
                                   **generation)
@@ -633,12 +726,20 @@ def prepare_search(settings: OptimizeSettings, *, role: str = "optimize", consol
                        weights_hash=weights_hash, cache_dir=out / "calibration" if out is not None else None)
     evaluator = Evaluator(base=base, calib=calib, spec=spec,
                           latency_inputs=calls[0] if settings.cost == "latency" else None)
+    if role == "optimize" and not any(t.state.is_finished() for t in study.trials) or role == "worker" and created:
+        # Only the worker that created the study seeds it (workers racing would enqueue twice); optimize
+        # enqueues no more seeds than trials: leftovers would sit in the study as waiting trials.
+        seeds = _seed_trials(settings, evaluator, targets)
+        for params in seeds[: settings.trials] if role == "optimize" else seeds:
+            study.enqueue_trial(params, skip_if_exists=True)
     if role != "report":
-        say(f"baseline: {len(calibration_prompts)} calibration and {len(evaluation_prompts)} evaluation prompts")
+        say(f"baseline: {len(calibration_prompts)} calibration, {len(prompt_sets.validation)} validation and "
+            f"{len(evaluation_prompts)} evaluation prompts")
         evaluator.baseline_images  # noqa: B018 - generate it now, not inside the first trial
     return SearchSession(settings=settings, loaded=loaded, graph=graph, weights_hash=weights_hash,
                          generation=generation, calibration_prompts=calibration_prompts,
                          evaluation_prompts=evaluation_prompts, targets=targets, cost_target=cost_target,
+                         validation_prompts=prompt_sets.validation,
                          spec=spec, evaluator=evaluator, storage_url=storage_url, study=study,
                          study_name=study_name, created=created, stored=stored, out=out)
 
@@ -663,7 +764,8 @@ def finish(session: SearchSession, console: Any = None) -> tuple[list[BudgetOutc
         raise InputError("an output directory is needed for the report")
     return _finish(session.settings, session.study, session.evaluator, session.targets, session.evaluation_prompts,
                    session.generation, session.loaded, session.weights_hash, session.graph, session.spec,
-                   session.cost_target, session.out, console)
+                   session.cost_target, session.out, console,
+                   validation_prompts=session.validation_prompts or session.calibration_prompts)
 
 
 def optimize(settings: OptimizeSettings, *, console: Any = None, progress: bool = True) -> OptimizeResult:
@@ -724,8 +826,9 @@ def _run_trials(study: Any, objective: Any, count: int, targets: Sequence[float]
 
 def _finish(settings: OptimizeSettings, study: Any, evaluator: Evaluator, targets: Sequence[float],
             evaluation_prompts: Sequence[str], generation: dict, loaded: Any, weights_hash: str, graph: Any,
-            spec: Any, cost_target: str, out: Path, console: Any) -> tuple[list[BudgetOutcome], Path | None]:
-    """Choose a plan per budget, evaluate it on held-out prompts, write plans and the report."""
+            spec: Any, cost_target: str, out: Path, console: Any, *, validation_prompts: Sequence[str]
+            ) -> tuple[list[BudgetOutcome], Path | None]:
+    """Choose a plan per budget (on validation prompts), evaluate it on held-out prompts, write plans and report."""
     from accelkit.passes.steps import StepsConfig
     from accelkit.report import render
     from accelkit.report.schema import (
@@ -745,6 +848,7 @@ def _finish(settings: OptimizeSettings, study: Any, evaluator: Evaluator, target
                  and "skipped" not in t.user_attrs]
     seed_offset = 10_000  # evaluation seeds differ from calibration seeds
     baseline_eval = evaluator.calib.generate(evaluator.base, evaluation_prompts, seed_offset=seed_offset).images
+    validation = _Validation(evaluator, list(validation_prompts))
     params = sum(p.numel() for p in loaded.denoiser.parameters())
     weights_bytes = program_weights_bytes(evaluator.base)
     outcomes: list[BudgetOutcome] = []
@@ -753,17 +857,21 @@ def _finish(settings: OptimizeSettings, study: Any, evaluator: Evaluator, target
     for target in targets:
         name = budget_name(target)
         feasible = [t for t in completed if t.user_attrs.get("speedup", 0) >= target * (1 - SPEEDUP_TOLERANCE)]
-        fewer_steps = max(2, round(settings.steps / target))
-        reference_program, _ = run_passes(evaluator.base, [StepsConfig(num_steps=fewer_steps)], None)
+        reachable = fewer_steps_for(settings.steps, target)
+        fewer_steps = reachable or 2
+        reference_program, fewer_resolved = evaluator.build([StepsConfig(num_steps=fewer_steps)])
         reference_speedup, _ = evaluator.speedup(reference_program)
         reference_metrics, reference_images = evaluator.fidelity(reference_program, evaluation_prompts,
                                                                  baseline_eval, seed_offset)
         references = {"fewer_steps": ReferencePoint(
             speedup=reference_speedup, psnr=reference_metrics["psnr"], ssim=reference_metrics["ssim"],
             lpips=reference_metrics["lpips"],
-            description=f"{fewer_steps} of {settings.steps} sampler steps, default spacing",
+            description=(f"{fewer_steps} of {settings.steps} sampler steps, default spacing"
+                         + ("" if reachable else " (fewer steps alone cannot reach this budget)")),
             images=reference_images)}
-        if not feasible:
+        choice = _choose(evaluator, feasible, fewer_resolved if reachable else None, validation)
+        say(choice.log)
+        if choice.resolved is None:
             best_speed = max((t.user_attrs.get("speedup", 0.0) for t in study.trials), default=0.0)
             message = f"budget {name} not met: the fastest trial reached {best_speed:.2f}x"
             outcomes.append(BudgetOutcome(name, target, False, best_speed, None, None, None, message))
@@ -773,8 +881,7 @@ def _finish(settings: OptimizeSettings, study: Any, evaluator: Evaluator, target
                 references=references, plan_summary=message, eval_prompts=tuple(evaluation_prompts)))
             say(f"[red]{message}[/]")
             continue
-        best = max(feasible, key=lambda t: t.values[1])
-        resolved = best.user_attrs["passes"]
+        resolved = choice.resolved
         program = _program_from_resolved(evaluator, resolved)
         speedup, cost = evaluator.speedup(program)
         metrics, images = evaluator.fidelity(program, evaluation_prompts, baseline_eval, seed_offset)
@@ -796,17 +903,20 @@ def _finish(settings: OptimizeSettings, study: Any, evaluator: Evaluator, target
                          "speedup": speedup},
                    fidelity={k: metrics[k] for k in ("psnr", "ssim", "lpips")})
         summary = describe_plan(program, settings.steps)
+        scheduler_name = type(getattr(evaluator.calib.pipe, "scheduler", None)).__name__
+        verdict = choice.verdict(scheduler_name, fewer_steps, settings.steps,
+                                 metrics["psnr"], reference_metrics["psnr"])
         message = (f"budget {name}: {speedup:.2f}x, PSNR {metrics['psnr']:.2f} dB on held-out prompts "
                    f"(fewer steps: {reference_metrics['psnr']:.2f} dB at {reference_speedup:.2f}x) - {summary}")
         if not floor_ok:
             message += f"; below --min-psnr {settings.min_psnr}"
-        outcomes.append(BudgetOutcome(name, target, met, speedup, metrics["psnr"], best.number, plan_dir, message))
+        outcomes.append(BudgetOutcome(name, target, met, speedup, metrics["psnr"], choice.trial, plan_dir, message))
         roofline_predictions.append((outcomes[-1], evaluator.roofline_speedup(program)))
         say(("[green]" if met else "[red]") + message + "[/]")
         budget_reports.append(BudgetReport(
             budget=name, target_speedup=target, met=met, speedup=speedup,
             fidelity=FidelityMetrics.from_metrics(metrics), weights_bytes=program_weights_bytes(program),
-            passes=resolved, references=references, ablations=ablations, plan_summary=summary,
+            passes=resolved, references=references, ablations=ablations, plan_summary=summary, verdict=verdict,
             eval_prompts=tuple(evaluation_prompts), prompts=tuple(evaluation_prompts),
             baseline_images=baseline_eval, accelerated_images=images))
     trials = [TrialPoint(trial=t.number, cost=t.values[0], speedup=t.user_attrs.get("speedup", 0.0),
@@ -825,6 +935,12 @@ def _finish(settings: OptimizeSettings, study: Any, evaluator: Evaluator, target
         "Fidelity: PSNR/SSIM in float against the full-step baseline with the same seeds, on held-out prompts; "
         "the search itself used the calibration prompts.",
     ]
+    unavailable = _placement_note(settings, evaluator, targets)
+    if unavailable:
+        notes.append(f"Step placement: {unavailable}.")
+    notes.append(f"Selection: the best {VALIDATION_TOP} feasible trials per budget were re-scored on "
+                 f"{len(validation_prompts)} validation prompts (disjoint from calibration and evaluation); a plan "
+                 "is chosen only if it scores at least the fewer-steps plan meeting the same budget there.")
     if failed:
         notes.append(f"{len(failed)} trial(s) failed or were pruned: "
                      + "; ".join(f"#{t.number}: {t.user_attrs.get('error', t.state.name)}" for t in failed[:5]))
@@ -839,6 +955,107 @@ def _finish(settings: OptimizeSettings, study: Any, evaluator: Evaluator, target
         notes=tuple(notes), cost_model=f"roofline:{cost_target}", min_psnr=settings.min_psnr)
     report_path = render.write_report(out, data)
     return outcomes, report_path
+
+
+#: Feasible trials per budget re-scored on the validation prompts (best calibration PSNR first).
+VALIDATION_TOP = 3
+VALIDATION_SEED_OFFSET = 5_000
+
+
+class _Validation:
+    """PSNR on the validation prompts (seeds apart from calibration and evaluation), memoised per plan."""
+
+    def __init__(self, evaluator: Evaluator, prompts: list[str]) -> None:
+        self.evaluator, self.prompts = evaluator, prompts
+        self._baseline: torch.Tensor | None = None
+        self._programs: dict[str, Program] = {}
+        self._scores: dict[tuple, float] = {}
+
+    def program(self, resolved: dict[str, Any]) -> Program:
+        key = json.dumps(resolved, sort_keys=True, default=repr)
+        if key not in self._programs:
+            self._programs[key] = _program_from_resolved(self.evaluator, resolved)
+        return self._programs[key]
+
+    def signature(self, resolved: dict[str, Any]) -> tuple:
+        """What the plan runs; two configs with one signature make the same images (e.g. a no-op cache)."""
+        program = self.program(resolved)
+        acting = {name: data for name, data in resolved.items()
+                  if name != "steps" and not config_from_dict(name, data).is_noop()}
+        return (program.num_steps, program.sigmas, program.timestep_kind, program.schedule,
+                json.dumps(acting, sort_keys=True, default=repr))
+
+    def psnr(self, resolved: dict[str, Any]) -> float:
+        key = self.signature(resolved)
+        if key not in self._scores:
+            if self._baseline is None:
+                self._baseline = self.evaluator.calib.generate(
+                    self.evaluator.base, self.prompts, seed_offset=VALIDATION_SEED_OFFSET).images
+            metrics, _ = self.evaluator.fidelity(self.program(resolved), self.prompts, self._baseline,
+                                                 VALIDATION_SEED_OFFSET)
+            self._scores[key] = float(metrics["psnr"])
+        return self._scores[key]
+
+
+@dataclass
+class _Choice:
+    """The plan chosen for one budget and why."""
+
+    resolved: dict[str, Any] | None
+    trial: int | None
+    is_fewer_steps: bool
+    best_other: float | None  # validation PSNR of the best trial that is not the fewer-steps plan
+    fewer_steps_psnr: float | None  # validation PSNR of the fewer-steps plan
+    log: str
+
+    def verdict(self, scheduler: str, fewer: int, total: int, psnr: float, fewer_psnr: float) -> str:
+        """The choice in words, for the report."""
+        if self.is_fewer_steps:
+            other = (f" (best other plan {self.best_other:.1f} dB vs {self.fewer_steps_psnr:.1f} dB on validation "
+                     "prompts)" if self.best_other is not None else " (no other plan met this budget)")
+            return (f"The other passes did not help on this model with {scheduler}: running {fewer} of {total} "
+                    f"steps is the plan{other}.")
+        chosen = ("" if self.fewer_steps_psnr is None else
+                  f"chosen on validation prompts, {self.best_other:.1f} vs {self.fewer_steps_psnr:.1f} dB")
+        gain = psnr - fewer_psnr
+        if gain >= 0:
+            return (f"Beats running {fewer} of {total} steps with {scheduler} by {gain:+.1f} dB on held-out prompts "
+                    f"({psnr:.1f} vs {fewer_psnr:.1f} dB; {chosen or 'fewer steps cannot reach this budget'}).")
+        return (f"Beat running {fewer} of {total} steps with {scheduler} on validation prompts "
+                f"({chosen.removeprefix('chosen on validation prompts, ')}) but not on held-out prompts "
+                f"({psnr:.1f} vs {fewer_psnr:.1f} dB, {gain:+.1f} dB): the difference does not generalize; "
+                "more validation prompts would tell them apart.")
+
+
+def _choose(evaluator: Evaluator, feasible: Sequence[Any], fewer_steps: dict[str, Any] | None,
+            validation: _Validation) -> _Choice:
+    """The best of the top feasible trials on validation prompts, never below the fewer-steps plan.
+
+    ``fewer_steps`` is the resolved plan of the most sampler steps alone meeting the budget (None
+    when fewer steps cannot reach it). Trials that run the same program as it do not take a place
+    among the :data:`VALIDATION_TOP` re-scored; a trial must score above its validation PSNR to be
+    chosen; otherwise the plan is the fewer-steps plan itself.
+    """
+    reference = validation.signature(fewer_steps) if fewer_steps is not None else None
+    others = [t for t in feasible if reference is None or validation.signature(t.user_attrs["passes"]) != reference]
+    ranked = sorted(others, key=lambda t: t.values[1], reverse=True)[:VALIDATION_TOP]
+    scored = [(validation.psnr(t.user_attrs["passes"]), t) for t in ranked]
+    best_other = max(scored, key=lambda pair: pair[0]) if scored else None
+    if fewer_steps is None:
+        if best_other is None:
+            return _Choice(None, None, False, None, None, "validation: no feasible trial")
+        score, trial = best_other
+        return _Choice(trial.user_attrs["passes"], trial.number, False, score, None,
+                       f"validation: trial #{trial.number} {score:.2f} dB (fewer steps cannot reach the budget)")
+    fewer_score = validation.psnr(fewer_steps)
+    line = ", ".join(f"#{t.number} {score:.2f} dB" for score, t in scored)
+    log = f"validation: fewer steps {fewer_score:.2f} dB; top other trials {line or 'none'}"
+    if best_other is not None and best_other[0] > fewer_score:
+        score, trial = best_other
+        return _Choice(trial.user_attrs["passes"], trial.number, False, score, fewer_score, log)
+    same = next((t for t in feasible if validation.signature(t.user_attrs["passes"]) == reference), None)
+    return _Choice(fewer_steps, same.number if same is not None else None, True,
+                   best_other[0] if best_other else None, fewer_score, log)
 
 
 def program_weights_bytes(program: Program) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -38,33 +39,77 @@ def suggest_configs(trial: Any, pass_names: Sequence[str], fixed: Mapping[str, M
     return configs
 
 
-def default_trials(pass_names: Sequence[str], targets: Sequence[float]) -> list[dict[str, Any]]:
-    """Seed parameters per budget, so a handful of trials already gives usable plans.
+#: Speedups within this share below a budget count as meeting it (as ``optimize`` judges plans).
+BUDGET_TOLERANCE = 0.02
 
-    For each target speedup: the step count alone, the cache alone, and both sharing the speedup.
+
+def fewer_steps_for(num_steps: int, target: float) -> int | None:
+    """The most sampler steps (of ``num_steps``) that alone meet ``target``; None when 2 steps do not.
+
+    Cost is linear in the step count, so ``n`` steps are ``num_steps / n`` times faster.
     """
-    seeds: list[dict[str, Any]] = []
+    count = min(num_steps, math.floor(num_steps / (target * (1 - BUDGET_TOLERANCE)) + 1e-9))
+    return count if count >= 2 else None
+
+
+def default_trials(pass_names: Sequence[str], targets: Sequence[float], *, num_steps: int | None = None,
+                   placements: Sequence[str] = ("default", "equalized"), cached_cost: float = 0.2
+                   ) -> list[dict[str, Any]]:
+    """Seed parameters, guaranteed candidates first, so any ``len(targets)`` trials meet every budget.
+
+    In order: per budget, fewer steps alone at the default spacing (the most steps that meet it);
+    per budget, the same step count at each other placement; per budget, fewer steps and the cache
+    sharing the speedup (full-step count chosen so the budget is met with a cached step costing
+    ``cached_cost`` of a full one); then the cache alone. Without ``num_steps`` the step share is
+    ``1 / target`` (it may miss a budget by rounding).
+    """
     has_steps, has_cache = "steps" in pass_names, "cache" in pass_names
+    waves: list[list[dict[str, Any]]] = [[], [], [], []]
     for target in targets:
-        if has_steps:
-            # Both spacings: equal-local-error placement won by 4-6 dB on the zoo model (BENCHMARKS.md).
-            for placement in ("default", "equalized"):
-                seeds.append({"steps.fraction": min(1.0, 1.0 / target), "steps.placement": placement,
-                              "steps.blend": 1.0, **({"cache.full_fraction": 1.0} if has_cache else {})})
+        steps_share = _steps_share(num_steps, target)
+        if has_steps and steps_share is not None:
+            for wave, placement in enumerate(placements[:2]):
+                waves[wave].append({"steps.fraction": steps_share, "steps.placement": placement, "steps.blend": 1.0,
+                                    **({"cache.full_fraction": 1.0} if has_cache else {})})
+        if has_steps and has_cache and target > 1.5:
+            split = _split(num_steps, target, cached_cost)
+            if split is not None:
+                steps_fraction, full_share = split
+                waves[2].append({"steps.fraction": steps_fraction, "steps.placement": "default", "steps.blend": 1.0,
+                                 "cache.full_fraction": full_share, "cache.first_blocks": 1,
+                                 "cache.last_blocks": 0, "cache.approximation": "taylor", "cache.schedule": "dp",
+                                 "cache.prior": "residual", "cache.weighting": "quadratic", "cache.warmup": 0})
         if has_cache:
-            seed = {"cache.full_fraction": cache_fraction_for(target), "cache.first_blocks": 1,
+            seed = {"cache.full_fraction": cache_fraction_for(target, cached_cost), "cache.first_blocks": 1,
                     "cache.last_blocks": 0, "cache.approximation": "residual", "cache.schedule": "dp",
                     "cache.prior": "residual", "cache.weighting": "quadratic", "cache.warmup": 1}
             if has_steps:
                 seed.update({"steps.fraction": 1.0, "steps.placement": "default", "steps.blend": 1.0})
-            seeds.append(seed)
-        if has_steps and has_cache and target > 1.5:
-            share = target ** 0.5
-            seeds.append({"steps.fraction": min(1.0, 1.0 / share), "steps.placement": "default", "steps.blend": 1.0,
-                          "cache.full_fraction": cache_fraction_for(share), "cache.first_blocks": 1,
-                          "cache.last_blocks": 0, "cache.approximation": "taylor", "cache.schedule": "uniform",
-                          "cache.prior": "residual", "cache.weighting": "quadratic", "cache.warmup": 0})
-    return [clamp_to_spaces(with_noop_defaults(seed, pass_names), pass_names) for seed in seeds]
+            waves[3].append(seed)
+    return [clamp_to_spaces(with_noop_defaults(seed, pass_names), pass_names) for wave in waves for seed in wave]
+
+
+def _steps_share(num_steps: int | None, target: float) -> float | None:
+    if num_steps is None:
+        return min(1.0, 1.0 / target)
+    count = fewer_steps_for(num_steps, target)
+    return None if count is None else count / num_steps
+
+
+def _split(num_steps: int | None, target: float, cached_cost: float) -> tuple[float, float] | None:
+    """(steps share, full-step share) meeting ``target`` with the speedup shared about evenly."""
+    if num_steps is None:
+        share = target ** 0.5
+        return min(1.0, 1.0 / share), cache_fraction_for(share, cached_cost)
+    needed = num_steps / (target * (1 - BUDGET_TOLERANCE))  # full-step equivalents allowed
+    low = fewer_steps_for(num_steps, target) or 2
+    for count in range(min(num_steps, round(num_steps / target ** 0.5)), low, -1):
+        # F full + (count - F) cached steps: F + (count - F) * c <= needed.
+        full = math.floor((needed - count * cached_cost) / (1 - cached_cost) + 1e-9)
+        # The cache pass rounds full_fraction * count and the space floors the share at 0.15.
+        if full >= max(2, math.ceil(0.15 * count)) and full < count:
+            return count / num_steps, full / count
+    return None
 
 
 def with_noop_defaults(params: dict[str, Any], pass_names: Sequence[str]) -> dict[str, Any]:

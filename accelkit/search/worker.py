@@ -105,7 +105,8 @@ def settings_from_study(storage_url: str, study_name: str, *, out: str, model: s
         min_psnr=min_psnr if min_psnr is not None else stored.get("min_psnr"), storage=storage_url,
         study=study_name, out=out, height=generation["height"], width=generation["width"],
         guidance_scale=generation["guidance_scale"], calibration_prompts=tuple(stored["calibration_prompts"]),
-        evaluation_prompts=tuple(stored["evaluation_prompts"]))
+        evaluation_prompts=tuple(stored["evaluation_prompts"]),
+        validation_prompts=tuple(stored.get("validation_prompts") or ()) or None)
 
 
 def report_from_study(out: str, storage_url: str, study: str | None = None, *, model: str | None = None,

@@ -155,10 +155,12 @@ class ShapesPipeline(DiffusionPipeline):
             self.scheduler.set_timesteps(device=device, timesteps=timesteps)
         elif sigmas is not None:
             self.scheduler.set_timesteps(device=device, sigmas=sigmas)
-        else:
+        elif type(self.scheduler).__name__.startswith("FlowMatch"):
             # FluxPipeline's default: sigmas linspace(1, 1/N), so the last step lands exactly on 0.
             default = np.linspace(1.0, 1.0 / num_inference_steps, num_inference_steps).tolist()
             self.scheduler.set_timesteps(num_inference_steps, device=device, sigmas=default)
+        else:  # another sampler swapped in (e.g. DPM-Solver++ with use_flow_sigmas): its own spacing
+            self.scheduler.set_timesteps(num_inference_steps, device=device)
         step_timesteps = self.scheduler.timesteps
         self._num_timesteps = len(step_timesteps)
 

@@ -407,3 +407,38 @@ def test_dp_schedule_after_sparse_dense_steps_with_calibrator():
         # Steps 0, 1 stay dense and full, the last step is full: the only 3-full-step schedule left.
         assert result.program.schedule == ("full_dense", "full_dense", "cached", "cached", "cached", "full"), prior
         assert np.isfinite(result.stats["objective"])
+
+
+class _PriorCalib:
+    """A calibrator stand-in: a fixed prior favouring long gaps, and a scheduler of the given order."""
+
+    def __init__(self, order):
+        import types
+
+        self.pipe = types.SimpleNamespace(scheduler=types.SimpleNamespace(config={"solver_order": order}))
+
+    def cache_key(self, kind, program, **parts):
+        return kind
+
+    def cached_array(self, key, compute):
+        prior = np.full((12, 11), 1e-3)
+        prior[:, 1] = 1.0  # a one-step lag is costly, longer ones cheap: the free DP makes long gaps
+        return prior
+
+
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_solver_gap_caps_gaps_at_the_multistep_order(captured, order):
+    graph, _, _ = captured["dit"]
+    program = Program.from_graph(graph, 12)
+    # weighting "none": every gap holding cached steps costs about 1, so the free DP makes few, long gaps
+    config = CacheConfig(full_fraction=7 / 12, schedule="dp", weighting="none")
+    free = cache(program, config, _PriorCalib(order))
+    aware = cache(program, CacheConfig(**{**config.to_dict(), "solver_gap": True}), _PriorCalib(order))
+    gaps = np.diff([i for i, name in enumerate(aware.program.schedule) if name != "cached"])
+    assert aware.stats["full_steps"] == 7
+    if order == 1:  # a one-step sampler: no constraint
+        assert aware.program.schedule == free.program.schedule and "solver_order_gap" not in aware.stats
+    else:
+        assert gaps.max() <= order and aware.stats["solver_order_gap"] == order
+        free_gaps = np.diff([i for i, name in enumerate(free.program.schedule) if name != "cached"])
+        assert free_gaps.max() > order  # the constraint changed the schedule

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import types
 
 import numpy as np
 import pytest
@@ -14,7 +13,15 @@ from accelkit.capture.graph import capture
 from accelkit.errors import InputError
 from accelkit.loading import record_denoiser_calls
 from accelkit.passes.base import GraphVariant, Program, run_passes
-from accelkit.passes.steps import _STATE, StepsConfig, error_density, pipeline_schedule, steps
+from accelkit.passes.steps import (
+    _STATE,
+    StepsConfig,
+    error_density,
+    pipeline_schedule,
+    placement_unavailable,
+    solver_order,
+    steps,
+)
 from accelkit.runtime.pipeline import AcceleratedPipeline
 from tests.fixtures.tiny_models import pipeline_call_kwargs, tiny_pipeline
 
@@ -245,15 +252,81 @@ def test_equalized_blend_zero_is_the_default_spacing(flux, calib):
     np.testing.assert_allclose(seen["sigmas"].double().numpy(), default, rtol=1e-6, atol=1e-7)
 
 
-def test_equalized_needs_a_flow_matching_scheduler(flux):
-    from diffusers import DPMSolverMultistepScheduler
-
+def test_equalized_needs_calibration(flux):
     _, program = flux
-    fake = types.SimpleNamespace(pipe=types.SimpleNamespace(scheduler=DPMSolverMultistepScheduler()))
-    with pytest.raises(InputError, match="DPMSolverMultistepScheduler.*placement='default'"):
-        steps(program, StepsConfig(fraction=0.5, placement="equalized"), fake)
     with pytest.raises(InputError, match="calibration"):
         steps(program, StepsConfig(fraction=0.5, placement="equalized"), None)
+
+
+def test_placement_unavailable_names_schedulers_without_custom_steps():
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler
+
+    assert "accepts no custom timesteps or sigmas" in placement_unavailable(DDIMScheduler())
+    assert "accepts no custom" in placement_unavailable(EulerAncestralDiscreteScheduler())
+    assert placement_unavailable(DPMSolverMultistepScheduler()) is None
+    assert "use_karras_sigmas" in placement_unavailable(DPMSolverMultistepScheduler(use_karras_sigmas=True))
+    assert solver_order(DPMSolverMultistepScheduler(solver_order=3)) == 3
+
+
+# (scheduler class, config overrides, pipeline argument the placement goes through or None: default spacing)
+_FLOW = {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}
+SCHEDULERS = [
+    ("DPMSolverMultistepScheduler", {}, "timesteps"),
+    pytest.param("DPMSolverMultistepScheduler", {"solver_order": 3}, "timesteps", marks=pytest.mark.slow),
+    # diffusers 0.42: the flow-sigmas branch ignores custom timesteps (recomputes from num_inference_steps).
+    pytest.param("DPMSolverMultistepScheduler", _FLOW, None, marks=pytest.mark.slow),
+    ("DDIMScheduler", {}, None),  # set_timesteps takes neither
+    pytest.param("EulerDiscreteScheduler", {}, "timesteps", marks=pytest.mark.slow),
+    pytest.param("EulerAncestralDiscreteScheduler", {}, None, marks=pytest.mark.slow),
+    pytest.param("UniPCMultistepScheduler", _FLOW, "sigmas", marks=pytest.mark.slow),
+    # Heun runs 2n - 1 sigmas for n steps: placement falls back (and the runtime cannot run Heun yet).
+    pytest.param("HeunDiscreteScheduler", {}, None, marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize(("name", "overrides", "kind"), SCHEDULERS)
+def test_equalized_placement_on_each_scheduler(name, overrides, kind):
+    """PixArt tiny pipeline with the scheduler swapped: placement runs, or keeps default spacing and says why."""
+    import diffusers
+
+    from tests.fixtures.tiny_models import PIPELINE_CALL_KWARGS
+
+    pipe = tiny_pipeline("pixart")
+    pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config, **overrides)
+    call = pipeline_call_kwargs("pixart")
+    graph = capture(pipe.transformer, record_denoiser_calls(pipe, **call)[0])
+    extra = {k: PIPELINE_CALL_KWARGS["pixart"][k] for k in ("use_resolution_binning", "clean_caption")}
+    calib = Calibrator(pipe, ["a red circle"], 64, 64, call["guidance_scale"], extra_call_kwargs=extra)
+    program = Program.from_graph(graph, 6)
+    result = steps(program, StepsConfig(num_steps=3, placement="equalized"), calib)
+    assert result.program.num_steps == 3
+    if kind is None:
+        assert result.program.sigmas is None and result.resolved_config.placement == "default"
+        assert result.stats["placement_note"].startswith("default spacing: ")
+        return
+    assert result.program.timestep_kind == kind and len(result.program.sigmas) == 3
+    assert result.stats["solver_order"] == overrides.get("solver_order", 1 if name.startswith("Euler") else 2)
+    effective = np.asarray(result.stats["effective_sigmas"])
+    assert np.all(np.diff(effective) < 0)
+    default = pipeline_schedule(calib, 3).sigmas
+    assert not np.allclose(effective, default)  # the steps moved
+    if name.startswith("Heun"):
+        return
+    # The pipeline runs the placed steps: the scheduler's sigmas at the first call are the effective ones.
+    seen = {}
+
+    def hook(module, args, kwargs):
+        seen.setdefault("sigmas", pipe.scheduler.sigmas.clone())
+
+    handle = pipe.transformer.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        images = calib.generate(result.program).images
+    finally:
+        handle.remove()
+    assert images.shape == (1, 3, 64, 64) and torch.isfinite(images).all()
+    np.testing.assert_allclose(seen["sigmas"].double().numpy(), effective, rtol=1e-5, atol=1e-5)
+    replay = steps(program, result.resolved_config, None)  # plans replay without calibration
+    assert replay.program.sigmas == result.program.sigmas and replay.program.timestep_kind == kind
 
 
 def test_error_density_from_predictions():
