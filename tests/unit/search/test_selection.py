@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import types
 
 import pytest
 
+from accelkit.capture import clone_graph_module
 from accelkit.passes.base import RegisteredPass, registered_passes
 from accelkit.search.optimize import OptimizeSettings, _choose, _prompt_sets, optimize
 from accelkit.search.space import default_trials, fewer_steps_for
@@ -164,24 +167,30 @@ def test_search_where_the_pass_only_hurts_returns_the_fewer_steps_plan(tmp_path,
 
     entry = registered_passes()["cache"]
 
-    class Spoiled(torch.nn.Module):
-        def __init__(self, module):
-            super().__init__()
-            self.inner = module
-
-        def forward(self, *args, **kwargs):
-            out = self.inner(*args, **kwargs)
-            return (out[0] + 3.0 * torch.randn_like(out[0]), *out[1:])
+    def with_noise(module):
+        """The cached variant with loud noise added to its prediction (an fx graph, so programs validate)."""
+        clone = clone_graph_module(module)
+        graph = clone.graph
+        output = next(n for n in graph.nodes if n.op == "output")
+        first, *rest = output.args[0]
+        with graph.inserting_before(output):
+            noise = graph.call_function(torch.ops.aten.randn_like.default, (first,))
+            loud = graph.call_function(torch.ops.aten.mul.Tensor, (noise, 3.0))
+            noisy = graph.call_function(torch.ops.aten.add.Tensor, (first, loud))
+        output.args = ((noisy, *rest),)
+        clone.recompile()
+        return clone
 
     def hurting(program, config, calib):
         result = entry.function(program, config, calib)
         if "cached" not in result.program.variants:
             return result
         cached = result.program.variants["cached"]
-        spoiled = base.GraphVariant(Spoiled(cached.module), cached.state_inputs, cached.state_outputs,
+        spoiled = base.GraphVariant(with_noise(cached.module), cached.state_inputs, cached.state_outputs,
                                     cached.scalar_inputs)
-        result.program = result.program.replace(variants={**result.program.variants, "cached": spoiled})
-        return result
+        # PassResult is frozen: a new one carries the spoiled variant (assigning would fail the trial).
+        variants = {**result.program.variants, "cached": spoiled}
+        return dataclasses.replace(result, program=result.program.replace(variants=variants))
 
     patched = RegisteredPass(entry.name, entry.config_type, hurting)
     monkeypatch.setitem(base._REGISTRY, entry.config_type, patched)
