@@ -176,7 +176,9 @@ def build_program(plan: Plan, pipe: Any, *, check_weights: bool = True) -> Any:
     return program
 
 
-def load(out_dir: str | Path, pipe: Any, budget: str | None = None, *, compile: bool = False) -> Any:
+def load(
+    out_dir: str | Path, pipe: Any, budget: str | None = None, *, compile: bool = False, strict_steps: bool = False
+) -> Any:
     """Rebuild the accelerated pipeline from ``out_dir``'s plan for ``budget``.
 
     Args:
@@ -184,6 +186,8 @@ def load(out_dir: str | Path, pipe: Any, budget: str | None = None, *, compile: 
         pipe: the same pipeline the plan was made for (weights and scheduler are checked).
         budget: e.g. ``"2x"``; may be omitted when there is one plan.
         compile: run graph variants through ``torch.compile``.
+        strict_steps: refuse another ``num_inference_steps`` than the plan's (by default the schedule
+            is re-derived for it).
 
     Raises:
         InputError: no such plan.
@@ -193,7 +197,8 @@ def load(out_dir: str | Path, pipe: Any, budget: str | None = None, *, compile: 
 
     plan = read_plan(out_dir, budget)
     program = build_program(plan, pipe)
-    return AcceleratedPipeline(pipe, program, compile=compile, call_defaults=plan.call_defaults)
+    return AcceleratedPipeline(pipe, program, compile=compile, call_defaults=plan.call_defaults,
+                               strict_steps=strict_steps)
 
 
 def export_plan(out_dir: str | Path, pipe: Any, budget: str | None = None, *, target: str = "onnx") -> Path:
