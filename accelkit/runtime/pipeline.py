@@ -9,9 +9,11 @@ program derived for them (:mod:`accelkit.runtime.family`).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -127,6 +129,8 @@ class StepAwareForward:
         self._last_step = -1
         self._branch = 0
         self.calls = 0
+        #: the forward this one replaced in the denoiser's ``__dict__`` (None: the class's own).
+        self.replaced: Any = None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if args:
@@ -155,6 +159,53 @@ class StepAwareForward:
         self._last_step = -1
         self._branch = 0
         self.executor.reset()
+
+
+@contextlib.contextmanager
+def original_forward(denoiser: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """The denoiser with every accelkit forward taken out (a pipeline loaded twice has two), restored after.
+
+    Capturing or running the original pipeline must not go through a step-aware forward.
+    """
+    saved = denoiser.__dict__.get("forward")
+    inner = saved
+    while isinstance(inner, StepAwareForward):
+        inner = inner.replaced
+    if inner is None:
+        denoiser.__dict__.pop("forward", None)
+    else:
+        denoiser.forward = inner
+    try:
+        yield denoiser
+    finally:
+        if saved is None:
+            denoiser.__dict__.pop("forward", None)
+        else:
+            denoiser.forward = saved
+
+
+def capture_at_generation(pipe: Any, generation: dict[str, Any]) -> Any:
+    """Capture the pipeline's original denoiser as it is called at a plan's generation settings.
+
+    The probe runs 2 steps of ``generation["probe_prompt"]`` at the plan's resolution and guidance; a
+    pipeline an earlier load accelerated is probed through its original denoiser forward.
+    """
+    from accelkit.capture import capture
+    from accelkit.loading import record_denoiser_calls
+
+    _, denoiser = find_denoiser(pipe)
+    with original_forward(denoiser):
+        calls = record_denoiser_calls(
+            pipe,
+            prompt=generation.get("probe_prompt", "a photo"),
+            num_inference_steps=2,
+            height=generation["height"],
+            width=generation["width"],
+            guidance_scale=generation["guidance_scale"],
+            generator=torch.Generator("cpu").manual_seed(0),
+            output_type="latent",
+        )
+        return capture(denoiser, calls[0])
 
 
 def _accepts(pipe: Any, name: str) -> bool:
@@ -199,22 +250,29 @@ class AcceleratedPipeline:
             executor = ProgramExecutor(program, compile=compile, family=self.family)
         if isinstance(executor, StepSelection):
             executor.family = self.family
-            executor.strict_steps = strict_steps
         self.executor = executor
         self.strict_steps = strict_steps
         self.forward = StepAwareForward(pipe, self.executor)
         self._original_forward = self.denoiser.__dict__.get("forward")
+        self.forward.replaced = self._original_forward
         self.denoiser.forward = self.forward
+
+    @property
+    def strict_steps(self) -> bool:
+        """Refuse another ``num_inference_steps`` than the plan's (instead of re-deriving the schedule)."""
+        return bool(getattr(self.executor, "strict_steps", True))
+
+    @strict_steps.setter
+    def strict_steps(self, value: bool) -> None:
+        if isinstance(self.executor, StepSelection):
+            self.executor.strict_steps = bool(value)
 
     def _capture(self, kwargs: Any) -> Any:
         """Capture the original denoiser for a call's inputs (its forward is ours meanwhile)."""
         from accelkit.capture.graph import capture_cached
 
-        self._put_original_forward()
-        try:
+        with original_forward(self.denoiser):
             return capture_cached(self.denoiser, kwargs)
-        finally:
-            self.denoiser.forward = self.forward
 
     def _put_original_forward(self) -> None:
         if self._original_forward is None:
@@ -258,17 +316,15 @@ class AcceleratedPipeline:
         import torch
 
         steps = kwargs.pop("num_inference_steps", None)
+        kwargs.pop("generator", None)  # both runs are seeded with ``seed``
         recipe = self.family.recipe
         baseline_steps = recipe.baseline_steps if recipe is not None else self.program.num_steps
         if steps is not None:
             baseline_steps = max(1, round(steps * baseline_steps / self.program.num_steps))
         call = {**self.call_defaults, **kwargs, "prompt": prompt, "output_type": "pt", "return_dict": True}
-        self._put_original_forward()
-        try:
+        with original_forward(self.denoiser):
             reference = self.pipe(**call, num_inference_steps=baseline_steps,
                                   generator=torch.Generator("cpu").manual_seed(seed)).images
-        finally:
-            self.denoiser.forward = self.forward
         accelerated = self(**call, num_inference_steps=steps, generator=torch.Generator("cpu").manual_seed(seed))
         value = min_psnr(accelerated.images, reference)
         logger.warning("check: PSNR %.2f dB of the accelerated pipeline against the original (%d vs %d steps)",

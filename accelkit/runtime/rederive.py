@@ -54,10 +54,12 @@ def _prior_value(prior: np.ndarray, row: float, lag: float) -> float:
     profiled = prior.shape[1] - 1
     if lag <= 1.0:
         return lag * _column_at(prior, row, 1)
-    if lag >= profiled:
+    if lag > profiled:
         return _column_at(prior, row, profiled) * lag / profiled
     low = int(np.floor(lag))
     weight = lag - low
+    if weight == 0.0:
+        return _column_at(prior, row, low)
     return (1 - weight) * _column_at(prior, row, low) + weight * _column_at(prior, row, low + 1)
 
 
