@@ -171,6 +171,7 @@ def test_check_reports_the_psnr_against_the_original(plan):
     assert np.array_equal(plan.fast(prompt="a red circle", generator=_seeded(), output_type="np").images, plan.own)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("plan", ["steps+cache"], indirect=True)
 def test_onnx_runner_serves_other_batches_resolutions_and_step_counts(plan, pipe):
     from accelkit.runtime.plan import export_plan, load_onnx
