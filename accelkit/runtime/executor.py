@@ -126,7 +126,12 @@ class ProgramExecutor(StepSelection):
         flat = program.graph.flat_inputs(kwargs)
         reference = flat[0]
         for state_name in variant.state_inputs:
-            flat.append(read_state(state, state_name, step, name))
+            value = read_state(state, state_name, step, name)
+            if self.compile and any(value is other for other in flat):
+                # ``@prev`` falling back to the last value passes one tensor twice; a compiled graph
+                # guards on aliasing and would compile again for the later, distinct tensors.
+                value = value.clone()
+            flat.append(value)
         for scalar in variant.scalar_inputs:
             flat.append(self._scalar(program, scalar, step, reference.device))
         with torch.no_grad():
