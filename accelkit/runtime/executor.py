@@ -16,32 +16,7 @@ import torch
 from accelkit.capture.graph import shape_signature
 from accelkit.errors import PlanMismatchError
 from accelkit.passes.base import Program
-from accelkit.runtime.family import ProgramFamily, StepSelection
-
-
-def describe_signature_mismatch(program: Program, kwargs: Mapping[str, Any]) -> str:
-    """One line naming which inputs differ from the ones the plan was made for."""
-    differences = []
-    for name, spec in zip(program.graph.input_names, program.graph.input_specs, strict=True):
-        value = kwargs.get(name)
-        if not isinstance(value, torch.Tensor):
-            differences.append(f"{name} missing (expected shape {list(spec.shape)})")
-        elif tuple(value.shape) != spec.shape or str(value.dtype) != spec.dtype:
-            differences.append(
-                f"{name} is {list(value.shape)} {value.dtype}, the plan expects {list(spec.shape)} {spec.dtype}"
-            )
-    for name, expected in program.graph.static_kwargs.items():
-        if kwargs.get(name) != expected:
-            differences.append(f"{name}={kwargs.get(name)!r}, the plan expects {expected!r}")
-    extra = sorted(set(kwargs) - set(program.graph.input_names) - set(program.graph.static_kwargs))
-    extra = [k for k in extra if kwargs[k] is not None]
-    if extra:
-        differences.append(f"unexpected argument(s) {extra}")
-    detail = "; ".join(differences) or "argument structure differs"
-    return (
-        f"the plan was made for other denoiser inputs ({detail}); use the resolution, batch size and "
-        "guidance setting the plan was made for, or optimize again for these"
-    )
+from accelkit.runtime.family import ProgramFamily, StepSelection, describe_signature_mismatch
 
 
 def read_state(state: Mapping[str, list[Any]], state_name: str, step: int, variant: str) -> Any:

@@ -78,6 +78,31 @@ class Recipe:
         return program
 
 
+def describe_signature_mismatch(program: Program, kwargs: Mapping[str, Any]) -> str:
+    """One line naming which inputs differ from the ones the plan was made for."""
+    differences = []
+    for name, spec in zip(program.graph.input_names, program.graph.input_specs, strict=True):
+        value = kwargs.get(name)
+        if not isinstance(value, torch.Tensor):
+            differences.append(f"{name} missing (expected shape {list(spec.shape)})")
+        elif tuple(value.shape) != spec.shape or str(value.dtype) != spec.dtype:
+            differences.append(
+                f"{name} is {list(value.shape)} {value.dtype}, the plan expects {list(spec.shape)} {spec.dtype}"
+            )
+    for name, expected in program.graph.static_kwargs.items():
+        if kwargs.get(name) != expected:
+            differences.append(f"{name}={kwargs.get(name)!r}, the plan expects {expected!r}")
+    extra = sorted(set(kwargs) - set(program.graph.input_names) - set(program.graph.static_kwargs))
+    extra = [k for k in extra if kwargs[k] is not None]
+    if extra:
+        differences.append(f"unexpected argument(s) {extra}")
+    detail = "; ".join(differences) or "argument structure differs"
+    return (
+        f"the plan was made for other denoiser inputs ({detail}); use the resolution, batch size and "
+        "guidance setting the plan was made for, or optimize again for these"
+    )
+
+
 def steps_mismatch_message(plan_steps: int, num_steps: int, *, derivable: bool) -> str:
     hint = " or drop --strict-steps (strict_steps=False) to re-derive the schedule" if derivable else ""
     return (
@@ -127,8 +152,6 @@ class ProgramFamily:
         graph = self._graphs.get(signature)
         if graph is not None:
             return graph
-        from accelkit.runtime.executor import describe_signature_mismatch
-
         if self.recipe is None or self._capture is None or kwargs is None:
             raise PlanMismatchError(describe_signature_mismatch(self.base, kwargs or {}))
         start = time.perf_counter()

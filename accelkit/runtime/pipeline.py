@@ -184,30 +184,6 @@ def original_forward(denoiser: torch.nn.Module) -> Iterator[torch.nn.Module]:
             denoiser.forward = saved
 
 
-def capture_at_generation(pipe: Any, generation: dict[str, Any]) -> Any:
-    """Capture the pipeline's original denoiser as it is called at a plan's generation settings.
-
-    The probe runs 2 steps of ``generation["probe_prompt"]`` at the plan's resolution and guidance; a
-    pipeline an earlier load accelerated is probed through its original denoiser forward.
-    """
-    from accelkit.capture import capture
-    from accelkit.loading import record_denoiser_calls
-
-    _, denoiser = find_denoiser(pipe)
-    with original_forward(denoiser):
-        calls = record_denoiser_calls(
-            pipe,
-            prompt=generation.get("probe_prompt", "a photo"),
-            num_inference_steps=2,
-            height=generation["height"],
-            width=generation["width"],
-            guidance_scale=generation["guidance_scale"],
-            generator=torch.Generator("cpu").manual_seed(0),
-            output_type="latent",
-        )
-        return capture(denoiser, calls[0])
-
-
 def _accepts(pipe: Any, name: str) -> bool:
     try:
         return name in inspect.signature(type(pipe).__call__).parameters

@@ -135,7 +135,8 @@ def build_program(plan: Plan, pipe: Any, *, check_weights: bool = True) -> Any:
     """Capture ``pipe``'s denoiser for the plan's settings and replay its passes (no calibration)."""
     from accelkit.loading import weights_fingerprint
     from accelkit.passes.base import Program, config_from_dict, run_passes
-    from accelkit.runtime.pipeline import capture_at_generation, find_denoiser
+    from accelkit.runtime.pipeline import find_denoiser
+    from accelkit.runtime.probe import capture_at_generation
 
     _, denoiser = find_denoiser(pipe)
     if check_weights:

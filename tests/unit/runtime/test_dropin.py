@@ -199,3 +199,23 @@ def test_onnx_runner_serves_other_batches_resolutions_and_step_counts(plan, pipe
         reference = fast(**call, generator=_seeded(), output_type="pt").images
         assert results[label].shape == reference.shape, label
         assert min_psnr(results[label], reference) >= 40.0, label
+
+
+@pytest.mark.parametrize("plan", ["steps+cache"], indirect=True)
+def test_cli_run_check_steps_and_images(plan, tmp_path, capsys):
+    from accelkit.cli.main import main
+
+    output = tmp_path / "image.png"
+    steps = str(plan.fast.program.num_steps + 1)
+    rc = main(["run", str(plan.out), "--prompt", "a red circle", "--steps", steps, "--num-images", "2", "--check",
+               "--output", str(output)])
+    printed = capsys.readouterr().out.splitlines()
+    assert rc == 0
+    assert printed[0].startswith("check: PSNR ") and printed[0].endswith(" dB against the original pipeline")
+    assert float(printed[0].split()[2]) > plan.floor
+    assert printed[1:] == [str(tmp_path / "image-0.png"), str(tmp_path / "image-1.png")]
+    rc = main(["run", str(plan.out), "--prompt", "a red circle", "--steps", steps, "--strict-steps",
+               "--output", str(tmp_path / "strict.png")])
+    error = capsys.readouterr().err.strip()
+    assert rc == 2 and "strict-steps" in error and "\n" not in error
+    assert not (tmp_path / "strict.png").exists()
