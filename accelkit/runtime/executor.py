@@ -52,7 +52,9 @@ class ProgramExecutor(StepSelection):
             and other inputs are refused.
     """
 
-    def __init__(self, program: Program, *, compile: bool = False, family: ProgramFamily | None = None) -> None:
+    def __init__(
+        self, program: Program, *, compile: bool = False, family: ProgramFamily | None = None
+    ) -> None:
         self.program = program
         self.compile = compile
         self.family = family

@@ -157,7 +157,7 @@ class ProgramFamily:
         start = time.perf_counter()
         graph = self._capture(kwargs)
         self._graphs[signature] = graph
-        shapes = {name: list(spec.shape) for name, spec in zip(graph.input_names, graph.input_specs, strict=True)}
+        shapes = {n: list(spec.shape) for n, spec in zip(graph.input_names, graph.input_specs, strict=True)}
         self.derivations.append((f"capture {shapes}", time.perf_counter() - start))
         logger.info("captured the denoiser for new inputs %s in %.2f s", shapes, self.derivations[-1][1])
         return graph

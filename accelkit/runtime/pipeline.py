@@ -261,7 +261,8 @@ class AcceleratedPipeline:
         if num_steps is None or num_steps == self.program.num_steps:
             return self.program
         if not isinstance(self.executor, StepSelection):
-            raise PlanMismatchError(steps_mismatch_message(self.program.num_steps, num_steps, derivable=False))
+            plan_steps = self.program.num_steps
+            raise PlanMismatchError(steps_mismatch_message(plan_steps, num_steps, derivable=False))
         self.executor.select_steps(num_steps)
         return self.family.for_steps(num_steps)
 
@@ -301,11 +302,12 @@ class AcceleratedPipeline:
         with original_forward(self.denoiser):
             reference = self.pipe(**call, num_inference_steps=baseline_steps,
                                   generator=torch.Generator("cpu").manual_seed(seed)).images
-        accelerated = self(**call, num_inference_steps=steps, generator=torch.Generator("cpu").manual_seed(seed))
+        generator = torch.Generator("cpu").manual_seed(seed)
+        accelerated = self(**call, num_inference_steps=steps, generator=generator)
         value = min_psnr(accelerated.images, reference)
+        ran = self.executor.num_steps if isinstance(self.executor, StepSelection) else self.program.num_steps
         logger.warning("check: PSNR %.2f dB of the accelerated pipeline against the original (%d vs %d steps)",
-                       value, self.executor.num_steps if isinstance(self.executor, StepSelection)
-                       else self.program.num_steps, baseline_steps)
+                       value, ran, baseline_steps)
         return value
 
     def __getattr__(self, name: str) -> Any:

@@ -121,8 +121,10 @@ def interpolate_sigmas(sigmas: Sequence[float], num_steps: int) -> tuple[float, 
     so an equalized placement stays equalized to the extent its density is smooth.
     """
     values = np.asarray(sigmas, dtype=np.float64)
-    if values.size == 1 or num_steps == 1:
-        return tuple(float(v) for v in values[:num_steps]) if num_steps <= values.size else (float(values[0]),)
+    if num_steps == 1:
+        return (float(values[0]),)
+    if values.size == 1:
+        raise InputError(f"a one-step plan's sigma cannot be spread over {num_steps} steps")
     old = np.linspace(0.0, 1.0, values.size)
     new = np.linspace(0.0, 1.0, num_steps)
     resampled = np.interp(new, old, values)
@@ -145,7 +147,7 @@ def cache_mask_for_steps(config: PassConfig, plan_steps: int, num_steps: int, fo
         num_steps: the step count to derive a schedule for.
         forced: leading steps that must stay full (another pass's dense steps).
     """
-    plan_full = len(config.full_step_mask) if config.full_step_mask is not None else config.full_steps(plan_steps)
+    plan_full = config.full_steps(plan_steps)  # the mask's length when the config is resolved
     full_steps = min(num_steps, max(2 if num_steps > 1 else 1, round(plan_full / plan_steps * num_steps)))
     warmup = max(config.warmup, forced)
     if full_steps >= num_steps:
@@ -156,11 +158,12 @@ def cache_mask_for_steps(config: PassConfig, plan_steps: int, num_steps: int, fo
     try:
         if config.schedule == "dp" and stored is not None and config.prior == "end_to_end":
             costs = interpolate_gap_costs(np.asarray(stored), num_steps)
-            mask = schedules.dp_schedule_from_costs(apply_weighting(costs, config.weighting), full_steps, warmup=warmup)
+            weighted = apply_weighting(costs, config.weighting)
+            mask = schedules.dp_schedule_from_costs(weighted, full_steps, warmup=warmup)
         elif config.schedule == "dp" and stored is not None:
             prior = interpolate_prior(np.asarray(stored), num_steps)
-            mask = schedules.dp_schedule(prior, full_steps, weighting=config.weighting, max_gap=config.max_gap,
-                                         warmup=warmup)
+            mask = schedules.dp_schedule(prior, full_steps, weighting=config.weighting,
+                                         max_gap=config.max_gap, warmup=warmup)
         else:
             mask = schedules.uniform_schedule(num_steps, full_steps)
             mask[:warmup] = True
