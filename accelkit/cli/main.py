@@ -152,6 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--backend", default="pytorch", choices=["pytorch", "onnxruntime", "tensorrt"],
                      help="run the denoiser in PyTorch (default), from the plan's ONNX export, or from its "
                           "TensorRT engines (needs `accelkit export OUT --target tensorrt` first)")
+    run.add_argument("--steps", type=int, default=None,
+                     help="denoising steps (default: the plan's; others re-derive its schedule)")
+    run.add_argument("--strict-steps", action="store_true", help="refuse a --steps other than the plan's")
+    run.add_argument("--num-images", type=int, default=1, help="images per prompt (default: 1)")
+    run.add_argument("--check", action="store_true",
+                     help="also run the original pipeline once and print the PSNR of the first prompt's images")
 
     export = commands.add_parser(
         "export", help="export a plan's graph variants (ONNX, checked with onnxruntime; or TensorRT engines)",
@@ -426,7 +432,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     import numpy as np
     import torch
-    from PIL import Image
 
     from accelkit.errors import InputError
     from accelkit.loading import load_pipeline
@@ -445,23 +450,39 @@ def cmd_run(args: argparse.Namespace) -> int:
         accelerated = load_tensorrt(args.out, loaded.pipe, plan.budget)
     else:
         accelerated = load(args.out, loaded.pipe, plan.budget)
+    accelerated.strict_steps = args.strict_steps
     output = Path(args.output)
     if output.suffix.lower() != ".png":
         raise InputError(f"--output '{output}' must end in .png")
+    if args.num_images < 1 or (args.steps is not None and args.steps < 1):
+        raise InputError("--num-images and --steps must be at least 1")
+    call = {"num_inference_steps": args.steps, "num_images_per_prompt": args.num_images}
+    if args.check:
+        value = accelerated.check(args.prompt[0], seed=args.seed, **call)
+        print(f"check: PSNR {value:.2f} dB against the original pipeline")
     written = []
     for index, prompt in enumerate(args.prompt):
         result = accelerated(prompt=prompt, generator=torch.Generator("cpu").manual_seed(args.seed + index),
-                             output_type="np")
-        array = np.asarray(result.images[0])
-        image = Image.fromarray((np.clip(array, 0, 1) * 255).round().astype(np.uint8))
-        target = output if len(args.prompt) == 1 else output.with_name(f"{output.stem}-{index}{output.suffix}")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp")
-        image.save(tmp, format="PNG")
-        tmp.replace(target)
-        written.append(str(target))
+                             output_type="np", **call)
+        for number, array in enumerate(np.asarray(result.images)):
+            written.append(_write_png(array, output, index * args.num_images + number,
+                                      len(args.prompt) * args.num_images))
     print("\n".join(written))
     return 0
+
+
+def _write_png(array, output, index: int, count: int) -> str:
+    """Write one image in [0, 1] atomically; several images get -N suffixes."""
+    import numpy as np
+    from PIL import Image
+
+    image = Image.fromarray((np.clip(array, 0, 1) * 255).round().astype(np.uint8))
+    target = output if count == 1 else output.with_name(f"{output.stem}-{index}{output.suffix}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    image.save(tmp, format="PNG")
+    tmp.replace(target)
+    return str(target)
 
 
 def cmd_export(args: argparse.Namespace) -> int:

@@ -72,6 +72,10 @@ class CacheConfig(PassConfig):
             solver's history of outputs (DP schedule only; no effect with a one-step sampler).
         full_step_mask: the resolved schedule as the list of full step indices; when given, no
             calibration runs (plans store it).
+        schedule_prior: what the DP chose ``full_step_mask`` from, stored so that another step count can
+            re-derive a schedule without calibration (:mod:`accelkit.runtime.rederive`): the prior
+            e(t, k) (rows = steps, column k = interval) or, for ``prior="end_to_end"``, the (T, T) gap
+            cost matrix with -1 where a gap is forbidden. Never read by this pass.
     """
 
     full_fraction: float = 1.0
@@ -85,6 +89,7 @@ class CacheConfig(PassConfig):
     warmup: int = 0
     solver_gap: bool = False
     full_step_mask: tuple[int, ...] | None = None
+    schedule_prior: tuple[tuple[float, ...], ...] | None = None
 
     SEARCH_SPACE: ClassVar = {
         "full_fraction": FloatRange(0.15, 1.0),
@@ -438,6 +443,7 @@ def cache(program: Program, config: CacheConfig, calib: Any) -> PassResult:
             except ValueError as error:
                 raise InputError(f"cache: {error}; allow more full steps or less warm-up") from None
             objective = float(_mask_cost(costs, mask))
+            derived_from = np.where(np.isfinite(costs), costs, -1.0)
         else:
             probe = program.replace(variants={**program.variants, **writers})
             # A fixed profiling window keeps one cached prior valid for every full-step count.
@@ -451,6 +457,7 @@ def cache(program: Program, config: CacheConfig, calib: Any) -> PassResult:
             except ValueError as error:
                 raise InputError(f"cache: {error}; allow more full steps or less warm-up") from None
             objective = schedules.schedule_objective(prior, mask, config.weighting)
+            derived_from = prior
             uniform = schedules.uniform_schedule(steps, full_steps)
             stats["uniform_objective"] = schedules.schedule_objective(prior, uniform, config.weighting)
         stats["objective"] = objective
@@ -461,7 +468,10 @@ def cache(program: Program, config: CacheConfig, calib: Any) -> PassResult:
     new_program = program.replace(variants={**program.variants, **writers, "cached": cached},
                                   schedule=schedule, step_scalars=step_scalars)
     stats.update(full_steps=int(mask.sum()), schedule=schedules.describe_schedule(mask))
-    resolved = CacheConfig(**{**config.to_dict(), "full_step_mask": tuple(int(i) for i in np.flatnonzero(mask))})
+    resolved_fields = {**config.to_dict(), "full_step_mask": tuple(int(i) for i in np.flatnonzero(mask))}
+    if config.full_step_mask is None and config.schedule == "dp":
+        resolved_fields["schedule_prior"] = tuple(tuple(float(v) for v in row) for row in derived_from)
+    resolved = CacheConfig.from_dict(resolved_fields)
     return PassResult(new_program, modified=True, stats=stats, resolved_config=resolved)
 
 

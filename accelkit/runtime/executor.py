@@ -1,7 +1,8 @@
 """Run a :class:`Program` step by step: pick the variant the schedule names, carry state between steps.
 
 The schedule is static, so the only Python decisions are a table lookup per call; the graphs
-themselves have no host sync and no data-dependent branch.
+themselves have no host sync and no data-dependent branch. With a :class:`ProgramFamily` the executor
+also serves calls with other denoiser inputs or step counts, each with the program derived for it.
 """
 
 from __future__ import annotations
@@ -15,31 +16,7 @@ import torch
 from accelkit.capture.graph import shape_signature
 from accelkit.errors import PlanMismatchError
 from accelkit.passes.base import Program
-
-
-def describe_signature_mismatch(program: Program, kwargs: Mapping[str, Any]) -> str:
-    """One line naming which inputs differ from the ones the plan was made for."""
-    differences = []
-    for name, spec in zip(program.graph.input_names, program.graph.input_specs, strict=True):
-        value = kwargs.get(name)
-        if not isinstance(value, torch.Tensor):
-            differences.append(f"{name} missing (expected shape {list(spec.shape)})")
-        elif tuple(value.shape) != spec.shape or str(value.dtype) != spec.dtype:
-            differences.append(
-                f"{name} is {list(value.shape)} {value.dtype}, the plan expects {list(spec.shape)} {spec.dtype}"
-            )
-    for name, expected in program.graph.static_kwargs.items():
-        if kwargs.get(name) != expected:
-            differences.append(f"{name}={kwargs.get(name)!r}, the plan expects {expected!r}")
-    extra = sorted(set(kwargs) - set(program.graph.input_names) - set(program.graph.static_kwargs))
-    extra = [k for k in extra if kwargs[k] is not None]
-    if extra:
-        differences.append(f"unexpected argument(s) {extra}")
-    detail = "; ".join(differences) or "argument structure differs"
-    return (
-        f"the plan was made for other denoiser inputs ({detail}); use the resolution, batch size and "
-        "guidance setting the plan was made for, or optimize again for these"
-    )
+from accelkit.runtime.family import ProgramFamily, StepSelection, describe_signature_mismatch
 
 
 def read_state(state: Mapping[str, list[Any]], state_name: str, step: int, variant: str) -> Any:
@@ -65,20 +42,25 @@ def write_state(state: dict[str, list[Any]], written: Mapping[str, Any]) -> None
         del history[:-2]
 
 
-class ProgramExecutor:
+class ProgramExecutor(StepSelection):
     """Executes a program's variants with per-branch state.
 
     Args:
-        program: the program to run.
-        compile: wrap each variant in ``torch.compile`` on first use.
+        program: the plan's program.
+        compile: wrap each variant in ``torch.compile`` on first use (once per variant and signature).
+        family: derives programs for other denoiser inputs and step counts; None: only ``program`` runs,
+            and other inputs are refused.
     """
 
-    def __init__(self, program: Program, *, compile: bool = False) -> None:
+    def __init__(
+        self, program: Program, *, compile: bool = False, family: ProgramFamily | None = None
+    ) -> None:
         self.program = program
         self.compile = compile
-        self._compiled: dict[str, Any] = {}
+        self.family = family
+        self._compiled: dict[torch.nn.Module, Any] = {}
         self._signature = program.graph.signature()
-        self._scalars: dict[tuple[str, int, torch.device], torch.Tensor] = {}
+        self._scalars: dict[tuple[int, str, int, torch.device], torch.Tensor] = {}
         self.states: dict[int, dict[str, list[torch.Tensor]]] = {}
         self.variant_calls: Counter[str] = Counter()
         # Calibration sets this to a list to receive (step, branch, {state name: tensor}) per call.
@@ -88,45 +70,53 @@ class ProgramExecutor:
         """Forget cached state (a new generation begins)."""
         self.states.clear()
 
-    def _module(self, name: str):
-        module = self._compiled.get(name)
-        if module is None:
-            module = self.program.variants[name].module
-            if self.compile:
-                module = torch.compile(module, fullgraph=True, dynamic=False)
-            self._compiled[name] = module
-        return module
+    def _module(self, module: torch.nn.Module):
+        compiled = self._compiled.get(module)
+        if compiled is None:
+            compiled = torch.compile(module, fullgraph=True, dynamic=False) if self.compile else module
+            self._compiled[module] = compiled
+        return compiled
 
-    def _scalar(self, name: str, step: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        key = (name, step, device)
+    def _scalar(self, program: Program, name: str, step: int, device: torch.device) -> torch.Tensor:
+        # Made once per program, step and device: no host-to-device copy per call.
+        key = (id(program), name, step, device)
         value = self._scalars.get(key)
         if value is None:
-            value = torch.tensor(self.program.step_scalars[name][step], dtype=dtype, device=device)
+            value = torch.tensor(program.step_scalars[name][step], dtype=torch.float32, device=device)
             self._scalars[key] = value
         return value
 
-    def check_inputs(self, kwargs: Mapping[str, Any]) -> None:
-        if shape_signature(kwargs) != self._signature:
-            raise PlanMismatchError(describe_signature_mismatch(self.program, kwargs))
+    def check_inputs(self, kwargs: Mapping[str, Any]) -> Program:
+        """The program for this call; without a family, other inputs than the plan's are refused."""
+        if self.family is None:
+            if shape_signature(kwargs) != self._signature:
+                raise PlanMismatchError(describe_signature_mismatch(self.program, kwargs))
+            return self.program
+        return self.current_program(kwargs)
 
     def run(self, step: int, branch: int, kwargs: Mapping[str, Any], return_dict: bool) -> Any:
         """Run step ``step`` of the schedule for CFG branch ``branch`` and return the denoiser output."""
-        self.check_inputs(kwargs)
-        name = self.program.schedule[step]
-        variant = self.program.variants[name]
+        program = self.check_inputs(kwargs)
+        name = program.schedule[step]
+        variant = program.variants[name]
         state = self.states.setdefault(branch, {})
-        flat = self.program.graph.flat_inputs(kwargs)
+        flat = program.graph.flat_inputs(kwargs)
         reference = flat[0]
         for state_name in variant.state_inputs:
-            flat.append(read_state(state, state_name, step, name))
+            value = read_state(state, state_name, step, name)
+            if self.compile and any(value is other for other in flat):
+                # ``@prev`` falling back to the last value passes one tensor twice; a compiled graph
+                # guards on aliasing and would compile again for the later, distinct tensors.
+                value = value.clone()
+            flat.append(value)
         for scalar in variant.scalar_inputs:
-            flat.append(self._scalar(scalar, step, reference.device, torch.float32))
+            flat.append(self._scalar(program, scalar, step, reference.device))
         with torch.no_grad():
-            outputs = self._module(name)(*flat)
+            outputs = self._module(variant.module)(*flat)
         self.variant_calls[name] += 1
-        num_user = self.program.graph.num_user_outputs
+        num_user = program.graph.num_user_outputs
         written = dict(zip(variant.state_outputs, outputs[num_user:], strict=True))
         write_state(state, written)
         if self.state_log is not None:
             self.state_log.append((step, branch, written))
-        return self.program.graph.rebuild_output(outputs, return_dict)
+        return program.graph.rebuild_output(outputs, return_dict)

@@ -9,10 +9,18 @@ PyTorch executor does) and the step's scalars, and keeps state per CFG branch.
 
 That schedule/state logic lives in :class:`ScheduleReplayRunner`, which the TensorRT runner
 (:mod:`accelkit.runtime.trt_runner`) shares; only feeding values and running a variant differ.
+
+Inside an :class:`AcceleratedPipeline` the runner also serves other step counts (the exported graphs
+do not depend on the schedule: the schedule and step scalars of the derived program are replayed over
+them) and other batch sizes through the export's dynamic batch. The onnxruntime runner also serves
+other resolutions: the program derived for the new denoiser inputs is exported once more, to a
+temporary folder, the first time they occur.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import tempfile
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -25,6 +33,7 @@ import torch
 from accelkit.errors import InputError, PlanMismatchError
 from accelkit.passes.base import Program
 from accelkit.runtime.executor import read_state, write_state
+from accelkit.runtime.family import StepSelection
 from accelkit.runtime.pipeline import AcceleratedPipeline
 
 _NUMPY_DTYPES = {
@@ -169,7 +178,7 @@ def _resolve_meta(program_meta: Program | ProgramMeta | None, manifest: Mapping[
     )
 
 
-class ScheduleReplayRunner:
+class ScheduleReplayRunner(StepSelection):
     """Replays a program's schedule over exported variants with per-branch state.
 
     The schedule, state and scalar logic shared by the onnxruntime and TensorRT runners: at each
@@ -201,6 +210,7 @@ class ScheduleReplayRunner:
         if missing:
             raise InputError(f"the export in '{self.directory}' lacks variant(s) {missing} the schedule runs")
         self._signature = meta.program.graph.signature() if meta.program is not None else None
+        self._plan_meta = meta
         self.states: dict[int, dict[str, list[Any]]] = {}
         self.variant_calls: Counter[str] = Counter()
         self.state_log: list[tuple[int, int, dict[str, torch.Tensor]]] | None = None
@@ -229,18 +239,30 @@ class ScheduleReplayRunner:
 
     # ---------------------------------------------------------------------------------------
 
-    def check_inputs(self, kwargs: Mapping[str, Any], variant: VariantMeta) -> None:
-        """Refuse a call the exported models were not made for (shapes, dtypes, baked-in arguments)."""
-        from accelkit.capture.graph import shape_signature
-        from accelkit.runtime.executor import describe_signature_mismatch
-
-        program = self.meta.program
-        static_batch = all(isinstance(d, int) for shape in variant.input_shapes for d in shape)
-        if program is not None and static_batch:
-            # The same check as ProgramExecutor: one signature per plan.
-            if shape_signature(kwargs) != self._signature:
-                raise PlanMismatchError(describe_signature_mismatch(program, kwargs))
+    def select_steps(self, num_steps: int) -> None:
+        """Replay the schedule and step scalars derived for ``num_steps`` over the exported graphs."""
+        if num_steps == self.num_steps:
             return
+        super().select_steps(num_steps)
+        program = self.family.for_steps(num_steps) if self.family is not None else None
+        if program is None or num_steps == self._plan_meta.num_steps:
+            self.meta = self._plan_meta
+        else:
+            missing = sorted(set(program.schedule) - set(self.variants))
+            if missing:
+                raise PlanMismatchError(
+                    f"at {num_steps} steps the plan runs variant(s) {missing}, which the export in "
+                    f"'{self.directory}' lacks: export the plan again or run {self._plan_meta.num_steps} steps"
+                )
+            self.meta = dataclasses.replace(
+                self._plan_meta, schedule=tuple(program.schedule),
+                step_scalars={k: tuple(v) for k, v in program.step_scalars.items()},
+            )
+        # Step scalars a backend keeps per (name, step) belong to the previous schedule.
+        getattr(self, "_scalars", {}).clear()
+
+    def input_problem(self, kwargs: Mapping[str, Any], variant: VariantMeta) -> str | None:
+        """Why the call's inputs do not fit ``variant``'s exported inputs (None when they fit)."""
         for index, name in enumerate(self.meta.input_names):
             value = kwargs.get(name)
             expected = variant.input_shapes[index]
@@ -253,18 +275,36 @@ class ScheduleReplayRunner:
                 and str(value.dtype).removeprefix("torch.") == variant.input_dtypes[index]
             )
             if not ok:
-                if program is not None:
-                    raise PlanMismatchError(describe_signature_mismatch(program, kwargs))
                 got = list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-                raise PlanMismatchError(
-                    f"the export expects {name} of shape {list(expected)} {variant.input_dtypes[index]}, "
-                    f"got {got}"
-                )
+                return f"the export expects {name} of shape {list(expected)} {variant.input_dtypes[index]}, got {got}"
+        return None
+
+    def check_inputs(self, kwargs: Mapping[str, Any], variant: VariantMeta) -> None:
+        """Refuse a call the exported models were not made for (shapes, dtypes, baked-in arguments)."""
+        from accelkit.capture.graph import shape_signature
+        from accelkit.runtime.executor import describe_signature_mismatch
+
+        program = self.meta.program
+        static_batch = all(isinstance(d, int) for shape in variant.input_shapes for d in shape)
+        if program is not None and static_batch and variant is self.variants.get(variant.name):
+            # The same check as ProgramExecutor: one signature per plan.
+            if shape_signature(kwargs) != self._signature:
+                raise PlanMismatchError(describe_signature_mismatch(program, kwargs))
+            return
+        problem = self.input_problem(kwargs, variant)
+        if problem is not None:
+            if program is not None:
+                raise PlanMismatchError(describe_signature_mismatch(program, kwargs))
+            raise PlanMismatchError(problem)
+
+    def variants_for(self, kwargs: Mapping[str, Any]) -> Mapping[str, VariantMeta]:
+        """The exported variants that run this call (the export's own; a backend may add others)."""
+        return self.variants
 
     def run(self, step: int, branch: int, kwargs: Mapping[str, Any], return_dict: bool) -> Any:
         """Run step ``step`` of the schedule for CFG branch ``branch`` and return the denoiser output."""
         name = self.meta.schedule[step]
-        variant = self.variants[name]
+        variant = self.variants_for(kwargs)[name]
         self.check_inputs(kwargs, variant)
         state = self.states.setdefault(branch, {})
         reference = kwargs[self.meta.input_names[0]]
@@ -323,19 +363,45 @@ class OrtProgramRunner(ScheduleReplayRunner):
         self.providers = list(providers) if providers is not None else ["CPUExecutionProvider"]
         self.session_options = session_options if session_options is not None else onnxruntime_session_options()
         self._sessions: dict[str, Any] = {}
+        # Exports made at run time for other resolutions: (variants, folder) in the order made.
+        self._extra_exports: list[Mapping[str, VariantMeta]] = []
+        self._export_root: tempfile.TemporaryDirectory | None = None
 
-    def session(self, name: str) -> Any:
-        """The onnxruntime session of variant ``name`` (created on first use)."""
-        session = self._sessions.get(name)
+    def session(self, name: str, variant: VariantMeta | None = None) -> Any:
+        """The onnxruntime session of variant ``name`` (of the plan's export unless ``variant`` is given)."""
+        path = str(self.directory / (variant or self.variants[name]).file)
+        session = self._sessions.get(path)
         if session is None:
             import onnxruntime as ort
 
-            path = self.directory / self.variants[name].file
-            session = ort.InferenceSession(
-                str(path), sess_options=self.session_options, providers=self.providers
-            )
-            self._sessions[name] = session
+            session = ort.InferenceSession(path, sess_options=self.session_options, providers=self.providers)
+            self._sessions[path] = session
         return session
+
+    def variants_for(self, kwargs: Mapping[str, Any]) -> Mapping[str, VariantMeta]:
+        """The plan's export when the call fits it (any batch where it is dynamic), else one made for it."""
+        for variants in (self.variants, *self._extra_exports):
+            if self.input_problem(kwargs, next(iter(variants.values()))) is None:
+                return variants
+        if self.family is None or not self.family.derivable:
+            return self.variants  # check_inputs names what does not fit
+        return self._export_for(kwargs)
+
+    def _export_for(self, kwargs: Mapping[str, Any]) -> Mapping[str, VariantMeta]:
+        from accelkit.export.onnx import export_program_onnx
+
+        program = self.family.for_call(kwargs, self.num_steps)
+        if self._export_root is None:
+            self._export_root = tempfile.TemporaryDirectory(prefix="accelkit-onnx-")
+        folder = Path(self._export_root.name) / str(len(self._extra_exports))
+        inputs = {name: kwargs[name] for name in program.graph.input_names}
+        manifest = export_program_onnx(program, folder, inputs=inputs)
+        variants = {}
+        for entry in manifest["models"]:
+            meta = VariantMeta.from_manifest(entry)
+            variants[meta.name] = dataclasses.replace(meta, file=str(folder / meta.file))
+        self._extra_exports.append(variants)
+        return variants
 
     def _feed_user(self, value: torch.Tensor, dtype: str) -> np.ndarray:
         from accelkit.export.onnx import to_numpy
@@ -346,7 +412,7 @@ class OrtProgramRunner(ScheduleReplayRunner):
         return np.asarray(self.meta.step_scalars[name][step], dtype=_NUMPY_DTYPES.get(dtype, np.float32))
 
     def _execute(self, name: str, variant: VariantMeta, feeds: dict[str, Any]) -> Sequence[Any]:
-        return self.session(name).run(list(variant.output_names), feeds)
+        return self.session(name, variant).run(list(variant.output_names), feeds)
 
     def _to_torch(self, value: Any, device: torch.device | None) -> torch.Tensor:
         tensor = torch.from_numpy(np.ascontiguousarray(value))

@@ -166,10 +166,10 @@ def read_plan(out_dir: str | Path, budget: str | None = None, *, strict: bool = 
 
 def build_program(plan: Plan, pipe: Any, *, check_weights: bool = True) -> Any:
     """Capture ``pipe``'s denoiser for the plan's settings and replay its passes (no calibration)."""
-    from accelkit.capture import capture
-    from accelkit.loading import record_denoiser_calls, weights_fingerprint
+    from accelkit.loading import weights_fingerprint
     from accelkit.passes.base import Program, config_from_dict, run_passes
     from accelkit.runtime.pipeline import find_denoiser
+    from accelkit.runtime.probe import capture_at_generation
 
     _, denoiser = find_denoiser(pipe)
     # Every referenced file is checked before any is read: a changed weights file never runs.
@@ -189,17 +189,7 @@ def build_program(plan: Plan, pipe: Any, *, check_weights: bool = True) -> Any:
             "set the same scheduler or optimize again"
         )
     generation = plan.data["generation"]
-    calls = record_denoiser_calls(
-        pipe,
-        prompt=generation.get("probe_prompt", "a photo"),
-        num_inference_steps=2,
-        height=generation["height"],
-        width=generation["width"],
-        guidance_scale=generation["guidance_scale"],
-        generator=torch.Generator("cpu").manual_seed(0),
-        output_type="latent",
-    )
-    graph = capture(denoiser, calls[0])
+    graph = capture_at_generation(pipe, generation)
     program = Program.from_graph(graph, int(plan.data["baseline_steps"]))
     if plan.data.get("weights_file"):
         from safetensors.torch import load_file
@@ -211,7 +201,9 @@ def build_program(plan: Plan, pipe: Any, *, check_weights: bool = True) -> Any:
     return program
 
 
-def load(out_dir: str | Path, pipe: Any, budget: str | None = None, *, compile: bool = False) -> Any:
+def load(
+    out_dir: str | Path, pipe: Any, budget: str | None = None, *, compile: bool = False, strict_steps: bool = False
+) -> Any:
     """Rebuild the accelerated pipeline from ``out_dir``'s plan for ``budget``.
 
     Args:
@@ -219,6 +211,8 @@ def load(out_dir: str | Path, pipe: Any, budget: str | None = None, *, compile: 
         pipe: the same pipeline the plan was made for (weights and scheduler are checked).
         budget: e.g. ``"2x"``; may be omitted when there is one plan.
         compile: run graph variants through ``torch.compile``.
+        strict_steps: refuse another ``num_inference_steps`` than the plan's (by default the schedule
+            is re-derived for it).
 
     Raises:
         InputError: no such plan.
@@ -228,7 +222,8 @@ def load(out_dir: str | Path, pipe: Any, budget: str | None = None, *, compile: 
 
     plan = read_plan(out_dir, budget)
     program = build_program(plan, pipe)
-    return AcceleratedPipeline(pipe, program, compile=compile, call_defaults=plan.call_defaults)
+    return AcceleratedPipeline(pipe, program, compile=compile, call_defaults=plan.call_defaults,
+                               strict_steps=strict_steps)
 
 
 def export_plan(out_dir: str | Path, pipe: Any, budget: str | None = None, *, target: str = "onnx") -> Path:

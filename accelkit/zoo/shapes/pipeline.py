@@ -10,6 +10,8 @@ is the point: accelkit captures and replaces the denoiser, and what works here m
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -60,6 +62,7 @@ class ShapesPipeline(DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "text_encoder->transformer"
+    _callback_tensor_inputs = ["latents", "encoder_hidden_states", "pooled_projections"]
 
     def __init__(
         self,
@@ -110,6 +113,8 @@ class ShapesPipeline(DiffusionPipeline):
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        callback_on_step_end: Callable[..., dict[str, Any]] | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
     ) -> ImagePipelineOutput | tuple:
         """Generate images.
 
@@ -127,7 +132,18 @@ class ShapesPipeline(DiffusionPipeline):
             output_type: ``"pil"``, ``"np"`` (B, H, W, 3 in [0, 1]), ``"pt"`` (B, 3, H, W in [0, 1]) or
                 ``"latent"`` (packed tokens, like FluxPipeline).
             return_dict: return an ``ImagePipelineOutput`` rather than a tuple.
+            callback_on_step_end: called after every step as ``callback(pipe, step, timestep,
+                tensors)`` with ``tensors`` the variables named in ``callback_on_step_end_tensor_inputs``;
+                the values in the dict it returns replace them (diffusers' convention).
+            callback_on_step_end_tensor_inputs: names from :attr:`_callback_tensor_inputs`
+                (default ``["latents"]``).
         """
+        tensor_inputs = list(callback_on_step_end_tensor_inputs or ["latents"])
+        unknown = sorted(set(tensor_inputs) - set(self._callback_tensor_inputs))
+        if unknown:
+            raise ValueError(
+                f"callback_on_step_end_tensor_inputs {unknown} are not among {self._callback_tensor_inputs}"
+            )
         if height % PATCH or width % PATCH:
             raise ValueError(f"height and width must be multiples of {PATCH}, got {height}x{width}")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -165,7 +181,7 @@ class ShapesPipeline(DiffusionPipeline):
         self._num_timesteps = len(step_timesteps)
 
         with self.progress_bar(total=len(step_timesteps)) as progress_bar:
-            for t in step_timesteps:
+            for index, t in enumerate(step_timesteps):
                 model_input = torch.cat([latents, latents]) if do_cfg else latents
                 timestep = t.expand(model_input.shape[0]).to(dtype)
                 noise_pred = self.transformer(
@@ -181,6 +197,12 @@ class ShapesPipeline(DiffusionPipeline):
                     uncond, cond = noise_pred.chunk(2)
                     noise_pred = uncond + guidance_scale * (cond - uncond)
                 latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+                if callback_on_step_end is not None:
+                    values = {"latents": latents, "encoder_hidden_states": hidden, "pooled_projections": pooled}
+                    changed = callback_on_step_end(self, index, t, {k: values[k] for k in tensor_inputs}) or {}
+                    latents = changed.get("latents", latents)
+                    hidden = changed.get("encoder_hidden_states", hidden)
+                    pooled = changed.get("pooled_projections", pooled)
                 progress_bar.update()
 
         self.maybe_free_model_hooks()

@@ -82,8 +82,8 @@ def test_identity_program_is_bit_exact_and_runs_the_graph(setup, monkeypatch):
     assert located == list(range(setup.steps)) * 2
 
 
-def test_wrong_step_count_is_plan_mismatch(setup):
-    accelerated = AcceleratedPipeline(setup.pipe, Program.from_graph(setup.graph, setup.steps))
+def test_wrong_step_count_is_plan_mismatch_when_strict(setup):
+    accelerated = AcceleratedPipeline(setup.pipe, Program.from_graph(setup.graph, setup.steps), strict_steps=True)
     try:
         kwargs = pipeline_call_kwargs(setup.kind)
         kwargs["num_inference_steps"] = setup.steps + 2
@@ -97,18 +97,37 @@ def test_wrong_step_count_is_plan_mismatch(setup):
         accelerated.restore()
 
 
-def test_other_resolution_is_plan_mismatch_naming_shapes(setup):
+def test_other_step_count_and_resolution_run_a_derived_program(setup):
+    def kwargs():
+        call = pipeline_call_kwargs(setup.kind)
+        return dict(call, num_inference_steps=setup.steps + 2, height=2 * call.get("height", 32),
+                    width=2 * call.get("width", 32))
+
+    reference = setup.pipe(**kwargs()).images
     accelerated = AcceleratedPipeline(setup.pipe, Program.from_graph(setup.graph, setup.steps))
     try:
-        kwargs = pipeline_call_kwargs(setup.kind)
-        kwargs.update(height=128, width=128)
-        with pytest.raises(PlanMismatchError) as info:
-            accelerated(**kwargs)
+        images = accelerated(**kwargs()).images
+        # The plan's own settings still run the plan's own program.
+        own = accelerated(**pipeline_call_kwargs(setup.kind)).images
     finally:
         accelerated.restore()
+    assert images.shape == reference.shape
+    # An identity plan derived for other inputs is the original denoiser at those inputs.
+    np.testing.assert_allclose(images, reference, atol=1e-5)
+    assert np.array_equal(own, setup.reference)
+    assert [what for what, _ in accelerated.family.derivations][-1] == f"program at {setup.steps + 2} steps"
+
+
+def test_executor_without_family_names_the_shapes(setup):
+    program = Program.from_graph(setup.graph, setup.steps)
+    kwargs = dict(setup.calls[0])
+    first = next(iter(kwargs))
+    kwargs[first] = torch.cat([kwargs[first], kwargs[first]])
+    with pytest.raises(PlanMismatchError) as info:
+        ProgramExecutor(program).run(0, 0, kwargs, False)
     message = str(info.value)
     expected = list(setup.graph.input_specs[0].shape)
-    assert "hidden_states" in message
+    assert setup.graph.input_names[0] in message
     assert str(expected) in message
     assert "\n" not in message
 

@@ -122,3 +122,33 @@ def test_tokenizer_unknown_words_and_unconditional_caption(pipe):
     hidden, pooled = encoder(ids)
     assert hidden.shape == (3, encoder.config.max_length, 32)
     assert pooled.shape == (3, 32)
+
+
+def test_callback_on_step_end_sees_and_replaces_tensors(pipe):
+    seen = []
+
+    def callback(pipeline, step, timestep, tensors):
+        seen.append((step, float(timestep), sorted(tensors)))
+        return {"latents": torch.zeros_like(tensors["latents"])} if step == 2 else {}
+
+    kwargs = {"num_inference_steps": 3, "output_type": "latent"}
+    latents = pipe("a red circle", callback_on_step_end=callback,
+                   callback_on_step_end_tensor_inputs=["latents", "pooled_projections"], **kwargs).images
+    assert [s[0] for s in seen] == [0, 1, 2]
+    assert seen[0][2] == ["latents", "pooled_projections"]
+    assert torch.equal(latents, torch.zeros_like(latents))  # the last step's returned latents are the output
+    with pytest.raises(ValueError, match="not among"):
+        pipe("a red circle", callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["noise"], **kwargs)
+
+
+def test_generator_lists_latents_and_return_dict(pipe):
+    kwargs = {"num_inference_steps": 2, "output_type": "pt"}
+    generators = [torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)]
+    pair = pipe(["a red circle", "a red circle"], generator=generators, **kwargs).images
+    single = pipe("a red circle", generator=torch.Generator().manual_seed(2), **kwargs).images
+    assert torch.equal(pair[1], single[0])  # each image follows its own generator
+    noise = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    from_latents = pipe("a red circle", latents=noise, return_dict=False, **kwargs)
+    assert isinstance(from_latents, tuple)
+    seeded = pipe("a red circle", generator=torch.Generator().manual_seed(5), **kwargs).images
+    assert torch.equal(from_latents[0], seeded)
