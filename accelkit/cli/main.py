@@ -273,19 +273,16 @@ def _console(quiet: bool = False) -> Any:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    import torch
     from rich.table import Table
 
-    from accelkit.capture import capture
-    from accelkit.loading import load_pipeline, record_denoiser_calls
+    from accelkit.loading import load_pipeline
+    from accelkit.pipeline_io import probe_and_capture
     from accelkit.search.optimize import OptimizeSettings, _generation_defaults
 
     loaded = load_pipeline(args.model)
     generation = _generation_defaults(loaded.pipe, OptimizeSettings(model=args.model, height=args.height,
                                                                     width=args.width), loaded.source)
-    calls = record_denoiser_calls(loaded.pipe, prompt="a photo", num_inference_steps=2, output_type="latent",
-                                  generator=torch.Generator("cpu").manual_seed(0), **generation)
-    graph = capture(loaded.denoiser, calls[0])
+    _, graph = probe_and_capture(loaded.pipe, generation)
     total = graph.total_flops() or 1.0
     rows = []
     for block in graph.blocks:
