@@ -47,6 +47,7 @@ class Plan:
             "height": generation["height"],
             "width": generation["width"],
             "guidance_scale": generation["guidance_scale"],
+            **generation.get("call_arguments", {}),  # --call-arg values and what the model family needs
         }
 
 
@@ -153,10 +154,8 @@ def build_program(plan: Plan, pipe: Any, *, check_weights: bool = True) -> Any:
             "set the same scheduler or optimize again"
         )
     generation = plan.data["generation"]
-    _, graph = probe_and_capture(
-        pipe, {k: generation[k] for k in ("height", "width", "guidance_scale")},
-        prompt=generation.get("probe_prompt", "a photo"), call_arguments=generation.get("call_arguments"),
-    )
+    probe = {k: v for k, v in generation.items() if k != "probe_prompt"}
+    _, graph = probe_and_capture(pipe, probe, prompt=generation.get("probe_prompt", "a photo"))
     program = Program.from_graph(graph, int(plan.data["baseline_steps"]))
     if plan.data.get("weights_file"):
         from safetensors.torch import load_file
