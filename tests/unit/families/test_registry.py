@@ -149,7 +149,7 @@ def test_parse_call_arguments(pairs, expected):
     assert parse_call_arguments(pairs) == expected
 
 
-@pytest.mark.parametrize("bad", ["novalue", "=3", "two words=1", "prompt=hi", "num_inference_steps=3"])
+@pytest.mark.parametrize("bad", ["novalue", "=3", "two words=1", "prompt=hi", "num_inference_steps=3", "height=64"])
 def test_parse_call_arguments_refuses(bad):
     with pytest.raises(InputError, match="--call-arg"):
         parse_call_arguments([bad])
