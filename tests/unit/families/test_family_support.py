@@ -199,3 +199,26 @@ def test_write_support_matrix():
         start, end = readme.index(MARKERS[0]) + len(MARKERS[0]), readme.index(MARKERS[1])
         README.write_text(readme[:start] + "\n" + table + "\n" + readme[end:])
     assert MATRIX_FILE.read_text().strip() == table
+
+
+def render_benchmarks(results: dict[str, dict]) -> str:
+    """BENCHMARKS.md section: one CPU table per family from a slow-tier run's results (ACCELKIT_FAMILY_BENCH)."""
+    parts = []
+    for name in IMAGE_FAMILIES:
+        row = results.get(name, {})
+        bench = row.get("bench")
+        parts.append(f"### {name}\n")
+        if not bench or "cache_1.1x" not in bench:
+            parts.append(f"Not measured: {row.get('inspect', 'not run')}.\n")
+            continue
+        cache, both = bench["cache_1.1x"], bench["steps_cache_2x"]
+        parts.append("| measure | value |\n|---|---|")
+        parts.append(f"| inspect wall time (load, 2-step probe, capture) | {bench['inspect_seconds']:.1f} s |")
+        parts.append(f"| blocks | {bench['blocks']} ({', '.join(bench['block_groups'])}) |")
+        parts.append(f"| cache plan (`--passes cache`, 3 trials): roofline speedup | {cache['roofline_speedup']:.2f}x |")
+        parts.append(f"| cache plan: PSNR vs baseline / fewer steps at that speedup | "
+                     f"{cache['psnr']:.1f} / {cache['fewer_steps_psnr']:.1f} dB |")
+        parts.append(f"| `steps,cache` at 2x: PSNR vs baseline / fewer steps (2 of 4) | "
+                     f"{both['psnr']:.1f} / {both['fewer_steps_psnr']:.1f} dB ({both['summary']}) |")
+        parts.append(f"| all commands (inspect, 3 optimize runs, export, run) | {bench['all_commands_seconds']} s |\n")
+    return "\n".join(parts)
