@@ -119,7 +119,7 @@ class _Step:
         self.status, self.command = status, command
 
     def check(self, ok: bool, err: str, passed: str = "yes") -> None:
-        self.status[self.command] = passed if ok else f"fails: {_error_line(err)[:90]}"
+        self.status[self.command] = passed if ok else f"fails: {_error_line(err)}"
         assert ok, err
 
 
@@ -141,7 +141,7 @@ def _run_family(name: str, folder: Path, out_root: Path, status: dict) -> None:
     code, err = _cli("inspect", str(folder), "--json", *_generation_args(name), stdout=stdout)
     inspect_seconds = time.perf_counter() - started
     if code == 2 and _one_error_line(err):
-        status.update(dict.fromkeys(COMMANDS, f"no: {_error_line(err)[:90]}"))
+        status.update(dict.fromkeys(COMMANDS, f"no: {_error_line(err)}"))
         return
     _Step(status, "inspect").check(code == 0, err)
     info = json.loads(stdout.getvalue())
@@ -201,11 +201,18 @@ def test_family_through_every_command(folders, tmp_path, name):
         assert all(status[c] in allowed for c in COMMANDS), status
 
 
+def _short(cell: str) -> str:
+    return cell if cell in ("yes", "runs (1.2x not met)") else cell.split(":", 1)[0]
+
+
 def render_matrix(results: dict[str, dict[str, str]]) -> str:
-    lines = ["| family | " + " | ".join(COMMANDS) + " |", "|---" * (len(COMMANDS) + 1) + "|"]
+    """One row per family: each command's outcome, and why where it is not "yes"."""
+    lines = ["| family | " + " | ".join(COMMANDS) + " | why not |", "|---" * (len(COMMANDS) + 2) + "|"]
     for name in IMAGE_FAMILIES:
         row = results[name]
-        lines.append(f"| {name} | " + " | ".join(row[c] for c in COMMANDS) + " |")
+        reasons = [row[c].split(": ", 1)[1] for c in COMMANDS if row[c].startswith(("no: ", "fails: "))]
+        why = reasons[0].split(". ")[0] if reasons else ""
+        lines.append(f"| {name} | " + " | ".join(_short(row[c]) for c in COMMANDS) + f" | {why} |")
     return "\n".join(lines)
 
 
@@ -239,7 +246,7 @@ def render_benchmarks(results: dict[str, dict]) -> str:
         parts.append(f"### {name}\n")
         if not bench or "cache_1.1x" not in bench:
             reason = next((row[c] for c in COMMANDS if row.get(c, "yes") not in ("yes", "runs (1.2x not met)")), "")
-            parts.append(f"Not measured: {reason or 'not run'}.\n")
+            parts.append(f"Not measured: {reason.split(': ', 1)[-1] or 'not run'}.\n")
             continue
         cache, both = bench["cache_1.1x"], bench["steps_cache_2x"]
         parts.append("| measure | value |\n|---|---|")
