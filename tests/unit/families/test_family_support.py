@@ -4,7 +4,8 @@ Fast tier (default suite): the new capture paths (nested tensors, a call argumen
 of latents) and the one-line refusal of a family accelkit cannot capture. Slow tier: per family
 ``inspect``, ``optimize --passes steps,cache --budget 2x`` (met, report written), ``optimize --passes
 prune``, and ``export`` + ``run --backend onnxruntime`` of a cache plan; the results are written as the
-support matrix (docs/support-matrix.md) that the README includes between its markers.
+support matrix (docs/support-matrix.md) that the README includes between its markers; the default suite
+sweeps two families, ``ACCELKIT_FAMILY_MATRIX=1 ACCELKIT_UPDATE_MATRIX=1`` all of them and rewrites it.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ PROMPT_LENGTH_TOKENS = {"zimage", "qwenimage"}
 # Known failures of one command, reason as measured.
 KNOWN_FAILURES = {("sana", "export onnx"): "onnxruntime output is NaN where PyTorch's is finite (not investigated)"}
 RESULTS: dict[str, dict[str, str]] = {}
+# The whole sweep takes ~25 min on 2 cores: the default suite runs two families that cover the UNet, a
+# nested dict input (SDXL) and a fixed timestep scale (AuraFlow); ACCELKIT_FAMILY_MATRIX=1 runs them all.
+SWEEP = IMAGE_FAMILIES if os.environ.get("ACCELKIT_FAMILY_MATRIX") == "1" else ("sdxl", "auraflow")
 
 
 def _cli(*argv: str, stdout: io.StringIO | None = None) -> tuple[int, str]:
@@ -94,9 +98,9 @@ def test_guidance_default_comes_from_the_pipeline_signature():
 @pytest.mark.parametrize("name", sorted(UNSUPPORTED))
 def test_unsupported_family_gets_one_line_and_exit_2(folders, name):
     code, err = _cli("inspect", str(saved_family_folder(name, folders)), *_generation_args(name))
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert code == 2 and len(lines) == 1, err
-    assert UNSUPPORTED[name] in lines[0] and "Traceback" not in err
+    # one accelkit line (the tiny Gemma tokenizer's truncation warning may precede it), no traceback
+    assert code == 2 and _one_error_line(err), err
+    assert UNSUPPORTED[name] in _error_line(err)
 
 
 def test_readme_includes_the_support_matrix():
@@ -187,7 +191,7 @@ def _run_family(name: str, folder: Path, out_root: Path, status: dict) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", IMAGE_FAMILIES)
+@pytest.mark.parametrize("name", SWEEP)
 def test_family_through_every_command(folders, tmp_path, name):
     status = RESULTS.setdefault(name, {})
     _run_family(name, saved_family_folder(name, folders), tmp_path, status)
