@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,9 @@ from typing import Any
 import torch
 
 from accelkit.errors import InputError
-from accelkit.runtime.pipeline import bind_positional, find_denoiser, positional_parameter_names
+from accelkit.pipeline_io import find_denoiser, record_denoiser_calls  # record_*: re-exported, moved
+
+__all__ = ["DEFAULT_MODEL", "LoadedModel", "load_pipeline", "record_denoiser_calls", "weights_fingerprint"]
 
 DEFAULT_MODEL = "zoo:shapes"
 
@@ -134,42 +135,6 @@ def _quiet_libraries() -> None:
 
     diffusers_logging.set_verbosity_error()
     diffusers_logging.disable_progress_bar()
-
-
-def _detach(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.detach().clone()
-    if isinstance(value, Mapping):
-        return {k: _detach(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return type(value)(_detach(v) for v in value)
-    return value
-
-
-def record_denoiser_calls(pipe: Any, **call_kwargs: Any) -> list[dict[str, Any]]:
-    """Run the pipeline once and return the keyword arguments of every denoiser call, in order.
-
-    Args:
-        pipe: the pipeline.
-        **call_kwargs: arguments of the pipeline call (prompt, num_inference_steps, ...).
-    """
-    _, denoiser = find_denoiser(pipe)
-    calls: list[dict[str, Any]] = []
-    positional = positional_parameter_names(denoiser)
-
-    def hook(module, args, kwargs):
-        # PixArt passes the latent positionally: record it under its parameter name.
-        calls.append(_detach(bind_positional(positional, args, dict(kwargs))))
-
-    handle = denoiser.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            pipe(**call_kwargs)
-    finally:
-        handle.remove()
-    if not calls:
-        raise InputError(f"{type(pipe).__name__} never called its denoiser during a generation")
-    return calls
 
 
 def weights_fingerprint(module: torch.nn.Module) -> str:

@@ -3,7 +3,10 @@
 ``torch.fx.symbolic_trace`` fails on every diffusers denoiser (data-dependent Python, ``**kwargs``,
 dataclass outputs); ``torch.export(strict=False)`` captures them exactly. The exported program is
 unlifted into a plain ``fx.GraphModule`` whose placeholders are the tensor keyword arguments, in a
-recorded order, and whose output is a flat tuple. That flat calling convention is what passes
+recorded order, and whose output is a flat tuple. Tensors nested in dicts, lists and tuples (SDXL's
+``added_cond_kwargs``, rotary embeddings passed as a tuple, Z-Image's list of latents, ControlNet
+residuals) are graph inputs of their own, named by their path (``added_cond_kwargs.text_embeds``,
+``image_rotary_emb.0``); the containers' other contents are part of the call signature. That flat calling convention is what passes
 extend (extra state inputs/outputs) and what the runtime and the exporter drive.
 """
 
@@ -12,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import weakref
 from collections.abc import Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +26,7 @@ from torch.utils import _pytree as pytree
 from accelkit.capture.blocks import BlockIndex, find_attention_sites, find_blocks, find_linear_sites
 from accelkit.capture.cost import NodeCost, graph_costs
 from accelkit.errors import CaptureError
+from accelkit.families import traits_for
 
 
 @dataclass(frozen=True)
@@ -52,7 +57,7 @@ class DenoiserGraph:
         module: flat ``fx.GraphModule``; ``forward(*tensor_inputs) -> tuple`` of the user outputs.
         input_names: keyword names of the tensor inputs, in placeholder order.
         input_specs: shape/dtype per tensor input: the shape signature this graph is valid for.
-        static_kwargs: non-tensor keyword arguments baked into the graph (``return_dict`` ...);
+        static_kwargs: keyword arguments holding no tensor, baked into the graph (``return_dict`` ...);
             a call with other values is refused.
         out_spec: pytree spec that rebuilds the denoiser's original output from the flat tuple.
         family: the denoiser class name, e.g. ``"FluxTransformer2DModel"``.
@@ -60,6 +65,8 @@ class DenoiserGraph:
         attention_sites: names of ``scaled_dot_product_attention`` nodes.
         linear_sites: names of ``aten.linear`` nodes.
         costs: FLOPs and bytes per node name.
+        nested_structure: per keyword argument that holds tensors inside a container, the container
+            with each tensor replaced by :data:`TENSOR_SLOT` (part of the signature).
     """
 
     module: fx.GraphModule
@@ -72,6 +79,7 @@ class DenoiserGraph:
     attention_sites: tuple[str, ...]
     linear_sites: tuple[str, ...]
     costs: dict[str, NodeCost] = field(repr=False)
+    nested_structure: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_user_outputs(self) -> int:
@@ -82,31 +90,65 @@ class DenoiserGraph:
 
     def signature(self) -> tuple:
         """Hashable shape signature: one capture serves exactly one signature."""
-        return shape_signature_from_specs(self.input_names, self.input_specs, self.static_kwargs)
+        return shape_signature_from_specs(self.input_names, self.input_specs, self.static_kwargs,
+                                          self.nested_structure)
 
     def flat_inputs(self, kwargs: Mapping[str, Any]) -> list[torch.Tensor]:
-        """Pick the graph's tensor inputs out of a denoiser call's keyword arguments."""
-        return [kwargs[name] for name in self.input_names]
+        """Pick the graph's tensor inputs (nested ones included) out of a denoiser call's keyword arguments."""
+        if all(name in kwargs for name in self.input_names):
+            return [kwargs[name] for name in self.input_names]
+        tensors = split_call(kwargs)[0]
+        return [tensors[name] for name in self.input_names]
 
     def rebuild_output(self, flat_outputs: tuple[Any, ...] | list[Any], return_dict: bool) -> Any:
         """Turn the graph's flat user outputs back into what the denoiser returns."""
         output = pytree.tree_unflatten(list(flat_outputs[: self.num_user_outputs]), self.out_spec)
         if return_dict and isinstance(output, tuple):
-            from diffusers.models.modeling_outputs import Transformer2DModelOutput
-
-            return Transformer2DModelOutput(sample=output[0])
+            # Captured with return_dict=False, called with True: wrap as the family's output class
+            # (UNet2DConditionOutput for UNets, Transformer2DModelOutput for transformers).
+            return traits_for(self.family).output_class()(output[0])
         return output
 
 
-def _split_kwargs(kwargs: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+TENSOR_SLOT = "<tensor>"
+
+
+def _key_name(entry: Any) -> str:
+    for attribute in ("key", "idx", "name"):  # MappingKey, SequenceKey, GetAttrKey
+        if hasattr(entry, attribute):
+            return str(getattr(entry, attribute))
+    return str(entry)
+
+
+def split_call(kwargs: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+    """Split a denoiser call into graph inputs and constants.
+
+    Returns:
+        ``(tensors, statics, nested)``: every tensor by its path name, in the order ``torch.export``
+        flattens the call (``added_cond_kwargs.text_embeds``); the arguments holding no tensor; and per
+        argument with nested tensors, its container with :data:`TENSOR_SLOT` for each tensor.
+    """
     tensors: dict[str, torch.Tensor] = {}
     statics: dict[str, Any] = {}
+    nested: dict[str, Any] = {}
     for key, value in kwargs.items():
         if isinstance(value, torch.Tensor):
             tensors[key] = value
-        else:
+            continue
+        leaves, _ = pytree.tree_flatten_with_path(value)
+        if not any(isinstance(leaf, torch.Tensor) for _, leaf in leaves):
             statics[key] = value
-    return tensors, statics
+            continue
+        for path, leaf in leaves:
+            if isinstance(leaf, torch.Tensor):
+                tensors[".".join([key, *(_key_name(p) for p in path)])] = leaf
+        nested[key] = pytree.tree_map(lambda x: TENSOR_SLOT if isinstance(x, torch.Tensor) else x, value)
+    return tensors, statics, nested
+
+
+def _leaf_is_tensor(kwargs: Mapping[str, Any]) -> list[bool]:
+    """Per leaf of the call as ``torch.export`` flattens it (one placeholder each): whether it is a tensor."""
+    return [isinstance(leaf, torch.Tensor) for leaf in pytree.tree_leaves(dict(kwargs))]
 
 
 def _static_key(value: Any) -> Any:
@@ -121,24 +163,26 @@ def _static_key(value: Any) -> Any:
 
 
 def shape_signature(kwargs: Mapping[str, Any]) -> tuple:
-    """Hashable signature of a denoiser call: tensor shapes/dtypes and non-tensor values."""
-    tensors, statics = _split_kwargs(kwargs)
+    """Hashable signature of a denoiser call: tensor shapes/dtypes (nested ones too) and the rest's values."""
+    tensors, statics, nested = split_call(kwargs)
     names = tuple(tensors)
     specs = tuple(TensorSpec.of(t) for t in tensors.values())
-    return shape_signature_from_specs(names, specs, statics)
+    return shape_signature_from_specs(names, specs, statics, nested)
 
 
 def shape_signature_from_specs(
-    names: tuple[str, ...], specs: tuple[TensorSpec, ...], statics: Mapping[str, Any]
+    names: tuple[str, ...], specs: tuple[TensorSpec, ...], statics: Mapping[str, Any],
+    nested: Mapping[str, Any] | None = None,
 ) -> tuple:
     return (
         tuple(sorted(zip(names, ((s.shape, s.dtype) for s in specs), strict=True))),
         tuple(sorted((k, _static_key(v)) for k, v in statics.items())),
+        tuple(sorted((k, _static_key(v)) for k, v in (nested or {}).items())),
     )
 
 
-def _flatten_module(exported: torch.export.ExportedProgram, tensor_names: list[str]) -> fx.GraphModule:
-    """Unlift an exported program into a GraphModule with plain positional placeholders."""
+def _flatten_module(exported: torch.export.ExportedProgram, leaf_is_tensor: list[bool]) -> fx.GraphModule:
+    """Unlift an exported program into a GraphModule with one positional placeholder per tensor leaf."""
     module = exported.module()
     graph = module.graph
     # The unlifted module parses (args, kwargs) with a pytree codegen; passes need plain placeholders.
@@ -151,18 +195,22 @@ def _flatten_module(exported: torch.export.ExportedProgram, tensor_names: list[s
         # dead-code elimination (a cached span must vanish); shapes are checked once per call instead.
         elif node.op == "call_function" and str(node.target).startswith("aten._assert_"):
             graph.erase_node(node)
-    for node in list(graph.nodes):
-        if node.op == "placeholder" and node.name not in tensor_names and node.target not in tensor_names:
-            if node.users:
-                raise CaptureError(
-                    f"non-tensor input '{node.target}' is used by the captured graph; accelkit can only "
-                    "capture denoisers whose non-tensor arguments are constants"
-                )
-            graph.erase_node(node)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    order = [str(n.target) for n in placeholders]
-    if order != tensor_names:
-        raise CaptureError(f"captured inputs {order} do not match the call's tensor arguments {tensor_names}")
+    if len(placeholders) != len(leaf_is_tensor):
+        raise CaptureError(
+            f"the captured graph has {len(placeholders)} inputs but the call flattens to {len(leaf_is_tensor)} "
+            "values; report the architecture"
+        )
+    # Placeholders follow the call's pytree leaves; non-tensor leaves were specialized into the graph.
+    for node, is_tensor in zip(placeholders, leaf_is_tensor, strict=True):
+        if is_tensor:
+            continue
+        if node.users:
+            raise CaptureError(
+                f"non-tensor input '{node.target}' is used by the captured graph; accelkit can only "
+                "capture denoisers whose non-tensor arguments are constants"
+            )
+        graph.erase_node(node)
     output = next(n for n in graph.nodes if n.op == "output")
     leaves, _ = pytree.tree_flatten(output.args[0])
     output.args = (tuple(leaves),)
@@ -187,12 +235,13 @@ def capture(denoiser: torch.nn.Module, kwargs: Mapping[str, Any]) -> DenoiserGra
         CaptureError: when ``torch.export`` cannot capture the model; the message names the
             architecture and the first line of the underlying error.
     """
-    tensors, statics = _split_kwargs(kwargs)
+    tensors, statics, nested = split_call(kwargs)
     family = type(denoiser).__name__
     # Keep the signature order of the original kwargs so the flat graph is stable across calls.
     ordered = dict(kwargs)
+    strategy = traits_for(denoiser).capture_strategy
     try:
-        with torch.no_grad():
+        with torch.no_grad(), (strategy(denoiser, ordered) if strategy is not None else nullcontext()):
             exported = torch.export.export(denoiser, (), ordered, strict=False)
     except Exception as error:  # noqa: BLE001 - any export failure becomes one clear message
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -200,8 +249,8 @@ def capture(denoiser: torch.nn.Module, kwargs: Mapping[str, Any]) -> DenoiserGra
             f"could not capture {family} with torch.export (non-strict): {first_line}. "
             "Report the architecture, or run without the passes that need a graph."
         ) from error
-    tensor_names = [name for name in tensors]
-    module = _flatten_module(exported, tensor_names)
+    tensor_names = list(tensors)
+    module = _flatten_module(exported, _leaf_is_tensor(ordered))
     out_spec = exported.call_spec.out_spec
     blocks = find_blocks(module)
     return DenoiserGraph(
@@ -215,6 +264,7 @@ def capture(denoiser: torch.nn.Module, kwargs: Mapping[str, Any]) -> DenoiserGra
         attention_sites=find_attention_sites(module),
         linear_sites=find_linear_sites(module),
         costs=graph_costs(module),
+        nested_structure=nested,
     )
 
 
@@ -237,22 +287,72 @@ def replace_graph_signature(graph: DenoiserGraph, **changes: Any) -> DenoiserGra
     return dataclasses.replace(graph, **changes)
 
 
+def _schema(node: fx.Node) -> Any:
+    return getattr(node.target, "_schema", None) if node.op == "call_function" else None
+
+
+def _alias_root(node: fx.Node, roots: dict[fx.Node, fx.Node]) -> fx.Node:
+    """The node whose storage ``node`` views (itself unless ``node`` is a view op such as ``slice``)."""
+    schema = _schema(node)
+    if schema is not None and not schema.is_mutable and schema.returns and node.args:
+        alias = schema.returns[0].alias_info
+        if alias is not None and not alias.is_write and isinstance(node.args[0], fx.Node):
+            return roots.get(node.args[0], node.args[0])
+    return node
+
+
+def _mutated_roots(node: fx.Node, roots: dict[fx.Node, fx.Node]) -> list[fx.Node] | None:
+    """Storage roots an in-place op writes; None when they cannot be told (treated as a side effect)."""
+    schema = _schema(node)
+    written = []
+    for index, argument in enumerate(schema.arguments):
+        if argument.alias_info is None or not argument.alias_info.is_write:
+            continue
+        value = node.args[index] if index < len(node.args) else node.kwargs.get(argument.name)
+        if not isinstance(value, fx.Node):
+            return None
+        written.append(roots.get(value, value))
+    return written or None
+
+
 def eliminate_dead_nodes(graph: fx.Graph) -> int:
-    """Remove nodes whose results nobody uses; returns how many were removed.
+    """Remove nodes that do not contribute to the outputs; returns how many were removed.
 
     ``fx.Graph.eliminate_dead_code`` keeps random-seeded ops such as ``scaled_dot_product_attention``
     (tagged nondeterministic because of its dropout argument), which would keep a whole cached span
-    alive; the captured inference graphs are functional, so only mutating ops are kept here.
+    alive. Liveness is traced back from the outputs instead. An in-place op is kept when it writes a
+    graph input or weight, or storage some live node reads (through any view of it); one writing a
+    dead intermediate goes with it (CogView4 writes rotary embeddings into a slice of each attention's
+    query: kept, every cached block stayed alive).
     """
+    roots: dict[fx.Node, fx.Node] = {}
+    mutations: dict[fx.Node, list[fx.Node]] = {}
+    live: set[fx.Node] = set()
+    pending: list[fx.Node] = []
+    for node in graph.nodes:
+        roots[node] = _alias_root(node, roots)
+        schema = _schema(node)
+        if node.op in ("output", "placeholder") or node.op not in ("call_function", "call_method", "get_attr"):
+            pending.append(node)
+        elif schema is not None and schema.is_mutable:
+            written = _mutated_roots(node, roots)
+            if written is None or any(root.op in ("placeholder", "get_attr") for root in written):
+                pending.append(node)  # a side effect visible outside the graph
+            for root in written or ():
+                mutations.setdefault(root, []).append(node)
+    while pending:
+        node = pending.pop()
+        if node in live:
+            continue
+        live.add(node)
+        pending.extend(node.all_input_nodes)
+        # Reading a value (or a view of it) depends on every in-place write to its storage.
+        pending.extend(mutations.get(roots[node], ()))
     removed = 0
     for node in reversed(list(graph.nodes)):
-        if node.op not in ("call_function", "call_method", "get_attr") or node.users:
-            continue
-        schema = getattr(node.target, "_schema", None)
-        if schema is not None and schema.is_mutable:
-            continue
-        graph.erase_node(node)
-        removed += 1
+        if node not in live and not node.users:
+            graph.erase_node(node)
+            removed += 1
     return removed
 
 

@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true", help="print JSON instead of tables")
     inspect.add_argument("--height", type=int, help="image height to capture at (default: the model's)")
     inspect.add_argument("--width", type=int, help="image width to capture at (default: the model's)")
+    _add_call_arg(inspect)
 
     optimize = commands.add_parser(
         "optimize", help="search pass settings to meet speed budgets; write plans and a fidelity report",
@@ -158,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--num-images", type=int, default=1, help="images per prompt (default: 1)")
     run.add_argument("--check", action="store_true",
                      help="also run the original pipeline once and print the PSNR of the first prompt's images")
+    _add_call_arg(run, "on top of the plan's")
 
     export = commands.add_parser(
         "export", help="export a plan's graph variants (ONNX, checked with onnxruntime; or TensorRT engines)",
@@ -250,6 +252,7 @@ def _add_search_options(parser: argparse.ArgumentParser, *, worker: bool = False
     parser.add_argument("--height", type=int, default=None, help="image height (default: the model's)")
     parser.add_argument("--width", type=int, default=None, help="image width (default: the model's)")
     parser.add_argument("--guidance-scale", type=float, default=None, help="CFG scale (default: the model's)")
+    _add_call_arg(parser)
     parser.add_argument("--heartbeat", type=int, default=10,
                         help="seconds between heartbeats of a running trial (default: 10)")
     parser.add_argument("--grace-period", type=int, default=None,
@@ -257,7 +260,14 @@ def _add_search_options(parser: argparse.ArgumentParser, *, worker: bool = False
                              "marked failed and retried (default: 3x --heartbeat); workers of one study must agree")
 
 
+def _add_call_arg(parser: argparse.ArgumentParser, note: str = "stored in the plan") -> None:
+    parser.add_argument("--call-arg", action="append", metavar="KEY=VALUE", default=[],
+                        help=f"extra pipeline call argument, {note}; VALUE is JSON, else a string; repeat for "
+                             "several (e.g. --call-arg max_sequence_length=128 --call-arg negative_prompt=blurry)")
+
+
 def _settings_from_args(args: argparse.Namespace) -> Any:
+    from accelkit.pipeline_io import parse_call_arguments
     from accelkit.search.optimize import OptimizeSettings, parse_budget, parse_passes
 
     budgets = tuple(args.budget or ["2x"])
@@ -269,7 +279,8 @@ def _settings_from_args(args: argparse.Namespace) -> Any:
         eval_prompts_file=args.eval_prompts, seed=args.seed, device=args.device, cost=args.cost,
         cost_target=args.cost_target, min_psnr=args.min_psnr, storage=args.storage, study=args.study,
         out=args.out, height=args.height, width=args.width, guidance_scale=args.guidance_scale,
-        heartbeat=args.heartbeat, grace_period=args.grace_period, overwrite=getattr(args, "overwrite", False))
+        call_args=parse_call_arguments(args.call_arg), heartbeat=args.heartbeat, grace_period=args.grace_period,
+        overwrite=getattr(args, "overwrite", False))
 
 
 def _version() -> str:
@@ -285,19 +296,18 @@ def _console(quiet: bool = False) -> Any:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    import torch
     from rich.table import Table
 
-    from accelkit.capture import capture
-    from accelkit.loading import load_pipeline, record_denoiser_calls
+    from accelkit.loading import load_pipeline
+    from accelkit.pipeline_io import parse_call_arguments, probe_and_capture
     from accelkit.search.optimize import OptimizeSettings, _generation_defaults
 
+    call_args = parse_call_arguments(args.call_arg)
     loaded = load_pipeline(args.model)
     generation = _generation_defaults(loaded.pipe, OptimizeSettings(model=args.model, height=args.height,
-                                                                    width=args.width), loaded.source)
-    calls = record_denoiser_calls(loaded.pipe, prompt="a photo", num_inference_steps=2, output_type="latent",
-                                  generator=torch.Generator("cpu").manual_seed(0), **generation)
-    graph = capture(loaded.denoiser, calls[0])
+                                                                    width=args.width, call_args=call_args),
+                                      loaded.source)
+    _, graph = probe_and_capture(loaded.pipe, generation)
     total = graph.total_flops() or 1.0
     rows = []
     for block in graph.blocks:
@@ -435,15 +445,18 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from accelkit.errors import InputError
     from accelkit.loading import load_pipeline
+    from accelkit.pipeline_io import parse_call_arguments, pipeline_call_arguments
     from accelkit.runtime.plan import load, load_onnx, load_tensorrt, read_plan
 
     if args.backend == "tensorrt":
         from accelkit.export.tensorrt import require_tensorrt
 
         require_tensorrt()
+    call_args = parse_call_arguments(args.call_arg)
     plan = read_plan(args.out, args.budget)
     model = args.model or plan.data["model"]["id"]
     loaded = load_pipeline(model, device=args.device)
+    call_args = pipeline_call_arguments(loaded.pipe, plan.data["generation"], call_args) if call_args else {}
     if args.backend == "onnxruntime":
         accelerated = load_onnx(args.out, loaded.pipe, plan.budget)
     elif args.backend == "tensorrt":
@@ -456,7 +469,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise InputError(f"--output '{output}' must end in .png")
     if args.num_images < 1 or (args.steps is not None and args.steps < 1):
         raise InputError("--num-images and --steps must be at least 1")
-    call = {"num_inference_steps": args.steps, "num_images_per_prompt": args.num_images}
+    call = {"num_inference_steps": args.steps, "num_images_per_prompt": args.num_images, **call_args}
     if args.check:
         value = accelerated.check(args.prompt[0], seed=args.seed, **call)
         print(f"check: PSNR {value:.2f} dB against the original pipeline")

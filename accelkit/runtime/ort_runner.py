@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from accelkit.capture.graph import split_call
 from accelkit.errors import InputError, PlanMismatchError
 from accelkit.passes.base import Program
 from accelkit.runtime.executor import read_state, write_state
@@ -263,8 +264,9 @@ class ScheduleReplayRunner(StepSelection):
 
     def input_problem(self, kwargs: Mapping[str, Any], variant: VariantMeta) -> str | None:
         """Why the call's inputs do not fit ``variant``'s exported inputs (None when they fit)."""
+        tensors = split_call(kwargs)[0]
         for index, name in enumerate(self.meta.input_names):
-            value = kwargs.get(name)
+            value = tensors.get(name)
             expected = variant.input_shapes[index]
             ok = (
                 isinstance(value, torch.Tensor)
@@ -307,9 +309,10 @@ class ScheduleReplayRunner(StepSelection):
         variant = self.variants_for(kwargs)[name]
         self.check_inputs(kwargs, variant)
         state = self.states.setdefault(branch, {})
-        reference = kwargs[self.meta.input_names[0]]
+        tensors = split_call(kwargs)[0]  # nested tensors by path, as the graph names its inputs
+        reference = tensors[self.meta.input_names[0]]
         values: list[Any] = [
-            self._feed_user(kwargs[n], variant.input_dtypes[i]) for i, n in enumerate(self.meta.input_names)
+            self._feed_user(tensors[n], variant.input_dtypes[i]) for i, n in enumerate(self.meta.input_names)
         ]
         for state_name in variant.state_inputs:
             values.append(read_state(state, state_name, step, name))

@@ -10,7 +10,6 @@ program derived for them (:mod:`accelkit.runtime.family`).
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 import math
 from collections.abc import Iterator
@@ -21,50 +20,19 @@ import torch
 
 from accelkit.errors import InputError, PlanMismatchError
 from accelkit.passes.base import Program
+
+# Pipeline I/O moved to accelkit.pipeline_io; re-exported for code importing it from here.
+from accelkit.pipeline_io import (  # noqa: F401
+    accepts_argument,
+    bind_positional,
+    family_of,
+    find_denoiser,
+    positional_parameter_names,
+)
 from accelkit.runtime.executor import ProgramExecutor
 from accelkit.runtime.family import ProgramFamily, Recipe, StepSelection, steps_mismatch_message
 
 logger = logging.getLogger(__name__)
-
-
-def find_denoiser(pipe: Any) -> tuple[str, torch.nn.Module]:
-    """The attribute name and module of the pipeline's denoiser (``transformer`` or ``unet``)."""
-    for attribute in ("transformer", "unet"):
-        module = getattr(pipe, attribute, None)
-        if isinstance(module, torch.nn.Module):
-            return attribute, module
-    raise InputError(
-        f"{type(pipe).__name__} has no 'transformer' or 'unet' component: accelkit optimizes the denoiser "
-        "of a diffusers pipeline; pass a text-to-image pipeline folder"
-    )
-
-
-def positional_parameter_names(module: torch.nn.Module) -> tuple[str, ...]:
-    """Names of the parameters of ``type(module).forward`` that may be passed positionally, in order.
-
-    Some pipelines pass the latent positionally (PixArt: ``transformer(latent_model_input, ...)``);
-    accelkit works with keyword arguments, so positional values are bound to these names.
-    """
-    try:
-        parameters = list(inspect.signature(type(module).forward).parameters.values())[1:]  # drop self
-    except (TypeError, ValueError):
-        return ()
-    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    return tuple(p.name for p in parameters if p.kind in kinds)
-
-
-def bind_positional(names: tuple[str, ...], args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
-    """``kwargs`` with the positional ``args`` added under their parameter ``names``."""
-    if len(args) > len(names):
-        raise InputError(
-            f"the denoiser was called with {len(args)} positional arguments but its forward names only "
-            f"{len(names)}; accelkit needs keyword arguments"
-        )
-    bound = dict(zip(names, args, strict=False))
-    clash = sorted(set(bound) & set(kwargs))
-    if clash:
-        raise InputError(f"denoiser argument(s) {clash} given both positionally and by keyword")
-    return {**bound, **kwargs}
 
 
 class StepLocator:
@@ -73,12 +41,14 @@ class StepLocator:
     Schedulers that count their steps (``step_index``: the flow-matching, DPM-Solver, Euler families)
     name the index directly, so no timestep value is read back from the device. Otherwise, and before
     a scheduler's first step (``step_index`` is None), the timestep value is matched: pipelines pass it
-    either as is (SD3, PixArt, UNets) or divided by 1000 (Flux); both scales are tried and the nearest
-    timestep wins. That reads one value to the host: once per generation with a counting scheduler.
+    as is (SD3, PixArt, UNets), divided by 1000 (Flux) or as ``1 - t/1000`` (Lumina2); the family's
+    ``timestep_maps`` say which (the generic family tries the first two and the nearest timestep wins).
+    That reads one value to the host: once per generation with a counting scheduler.
     """
 
     def __init__(self, pipe: Any) -> None:
         self._pipe = pipe
+        self._maps = family_of(pipe).timestep_maps
         self._source: torch.Tensor | None = None
         self._values: np.ndarray | None = None
 
@@ -98,8 +68,10 @@ class StepLocator:
             return counted
         t = float(torch.as_tensor(timestep).reshape(-1)[0])
         best_index, best_error = 0, float("inf")
-        for scale in (1.0, 1e-3):
-            errors = np.abs(values * scale - t) / max(abs(t), 1e-6)
+        for scale, offset in self._maps:
+            mapped = values * scale + offset
+            # Relative error, floored for timesteps near 0 (Lumina2's first step passes 1 - 1000/1000).
+            errors = np.abs(mapped - t) / max(abs(t), 1e-3 * float(np.abs(mapped).max(initial=0.0)), 1e-6)
             index = int(np.argmin(errors))
             if errors[index] < best_error:
                 best_index, best_error = index, float(errors[index])
@@ -126,6 +98,7 @@ class StepAwareForward:
             self._positional = positional_parameter_names(find_denoiser(pipe)[1])
         except InputError:
             self._positional = ()
+        self._timestep_input = family_of(pipe).timestep_input
         self._last_step = -1
         self._branch = 0
         self.calls = 0
@@ -142,7 +115,7 @@ class StepAwareForward:
             raise PlanMismatchError(
                 steps_mismatch_message(self.executor.program.num_steps, num_timesteps, derivable=False)
             )
-        step = self.locator.locate(kwargs["timestep"])
+        step = self.locator.locate(kwargs[self._timestep_input])
         if step == self._last_step:
             # Same step again: the pipeline runs CFG as separate calls; each branch keeps its own cache.
             self._branch += 1
@@ -182,13 +155,6 @@ def original_forward(denoiser: torch.nn.Module) -> Iterator[torch.nn.Module]:
             denoiser.__dict__.pop("forward", None)
         else:
             denoiser.forward = saved
-
-
-def _accepts(pipe: Any, name: str) -> bool:
-    try:
-        return name in inspect.signature(type(pipe).__call__).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 class AcceleratedPipeline:
@@ -275,7 +241,7 @@ class AcceleratedPipeline:
             kwargs.setdefault(key, value)
         if program.sigmas is not None:
             kind = program.timestep_kind
-            if not _accepts(self.pipe, kind):
+            if not accepts_argument(self.pipe, kind):
                 raise InputError(
                     f"{type(self.pipe).__name__} does not accept custom {kind}: the plan's step schedule "
                     "cannot be applied to it; optimize without the 'steps' pass"

@@ -63,6 +63,7 @@ class Plan:
             "height": generation["height"],
             "width": generation["width"],
             "guidance_scale": generation["guidance_scale"],
+            **generation.get("call_arguments", {}),  # --call-arg values and what the model family needs
         }
 
 

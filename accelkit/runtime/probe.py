@@ -4,29 +4,18 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
-from accelkit.capture import capture
-from accelkit.loading import record_denoiser_calls
-from accelkit.runtime.pipeline import find_denoiser, original_forward
+from accelkit.pipeline_io import find_denoiser, probe_and_capture
+from accelkit.runtime.pipeline import original_forward
 
 
 def capture_at_generation(pipe: Any, generation: dict[str, Any]) -> Any:
     """Capture the pipeline's original denoiser as it is called at a plan's generation settings.
 
-    The probe runs 2 steps of ``generation["probe_prompt"]`` at the plan's resolution and guidance; a
+    The probe runs ``generation["probe_prompt"]`` at the plan's resolution, guidance and call arguments; a
     pipeline an earlier load accelerated is probed through its original denoiser forward.
     """
     _, denoiser = find_denoiser(pipe)
+    probe = {key: value for key, value in generation.items() if key != "probe_prompt"}
     with original_forward(denoiser):
-        calls = record_denoiser_calls(
-            pipe,
-            prompt=generation.get("probe_prompt", "a photo"),
-            num_inference_steps=2,
-            height=generation["height"],
-            width=generation["width"],
-            guidance_scale=generation["guidance_scale"],
-            generator=torch.Generator("cpu").manual_seed(0),
-            output_type="latent",
-        )
-        return capture(denoiser, calls[0])
+        _, graph = probe_and_capture(pipe, probe, prompt=generation.get("probe_prompt", "a photo"))
+    return graph

@@ -109,6 +109,8 @@ class OptimizeSettings:
     height: int | None = None
     width: int | None = None
     guidance_scale: float | None = None
+    #: Extra pipeline call arguments (``--call-arg KEY=VALUE``), on top of those the model family needs.
+    call_args: dict[str, Any] = field(default_factory=dict)
     export: str | None = None
     #: Reuse an OUT made for another model or other budgets, removing its stale plans and report.
     overwrite: bool = False
@@ -224,22 +226,19 @@ def _prompt_sets(settings: OptimizeSettings, source: str) -> PromptSets:
 
 
 def _generation_defaults(pipe: Any, settings: OptimizeSettings, source: str) -> dict[str, Any]:
-    defaults: dict[str, Any] = {}
+    from accelkit.pipeline_io import generation_defaults, with_call_arguments
+
     if source == "zoo":
         from accelkit.zoo import ZOO_MODELS
 
         info = ZOO_MODELS[(settings.model or "zoo:shapes").removeprefix("zoo:")]
         defaults = {"height": info.height, "width": info.width, "guidance_scale": info.guidance_scale}
     else:
-        denoiser = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
-        sample = getattr(denoiser.config, "sample_size", 64) if denoiser is not None else 64
-        scale = getattr(pipe, "vae_scale_factor", 8)
-        size = int(sample) * int(scale) if isinstance(sample, int) else 512
-        defaults = {"height": size, "width": size, "guidance_scale": 4.5}
+        defaults = generation_defaults(pipe)
     for key in ("height", "width", "guidance_scale"):
         if getattr(settings, key) is not None:
             defaults[key] = getattr(settings, key)
-    return defaults
+    return with_call_arguments(pipe, defaults, settings.call_args)
 
 
 def study_name_for(settings: OptimizeSettings, model_id: str, weights_hash: str, generation: dict) -> str:
@@ -418,7 +417,8 @@ def study_settings(settings: OptimizeSettings, *, model_id: str, weights_hash: s
         "budgets": [budget_name(t) for t in targets],
         "steps": settings.steps,
         "seed": settings.seed,
-        "generation": {k: generation[k] for k in ("height", "width", "guidance_scale")},
+        "generation": {k: generation[k] for k in ("height", "width", "guidance_scale", "call_arguments")
+                       if k in generation},
         "calibration_prompts": list(calibration_prompts),
         "evaluation_prompts": list(evaluation_prompts),
         "validation_prompts": list(validation_prompts),
@@ -646,8 +646,8 @@ def prepare_search(settings: OptimizeSettings, *, role: str = "optimize", consol
     import optuna
 
     from accelkit.calibrate import Calibrator
-    from accelkit.capture import capture
-    from accelkit.loading import load_pipeline, record_denoiser_calls, weights_fingerprint
+    from accelkit.loading import load_pipeline, weights_fingerprint
+    from accelkit.pipeline_io import probe_and_capture
     from accelkit.search.cost import device_spec
     if role not in COMPARED_FIELDS:
         raise ValueError(f"unknown role {role!r}")
@@ -715,15 +715,13 @@ def prepare_search(settings: OptimizeSettings, *, role: str = "optimize", consol
     stored = _check_or_store_settings(study, mine, role, created)
     if role != "report":
         study.set_metric_names(["cost", "psnr"])
-    calls = record_denoiser_calls(pipe, prompt=calibration_prompts[0], num_inference_steps=2,
-                                  generator=torch.Generator("cpu").manual_seed(0), output_type="latent",
-                                  **generation)
-    graph = capture(loaded.denoiser, calls[0])
+    calls, graph = probe_and_capture(pipe, generation, prompt=calibration_prompts[0])
     base = Program.from_graph(graph, settings.steps)
     spec = device_spec(cost_target)
     calib = Calibrator(pipe, calibration_prompts, height=generation["height"], width=generation["width"],
                        guidance_scale=generation["guidance_scale"], seed=settings.seed,
-                       weights_hash=weights_hash, cache_dir=out / "calibration" if out is not None else None)
+                       weights_hash=weights_hash, cache_dir=out / "calibration" if out is not None else None,
+                       extra_call_kwargs=dict(generation.get("call_arguments", {})))
     evaluator = Evaluator(base=base, calib=calib, spec=spec,
                           latency_inputs=calls[0] if settings.cost == "latency" else None)
     if role == "optimize" and not any(t.state.is_finished() for t in study.trials) or role == "worker" and created:
