@@ -143,11 +143,19 @@ def _detach(value: Any) -> Any:
     return value
 
 
-def record_denoiser_calls(pipe: Any, **call_kwargs: Any) -> list[dict[str, Any]]:
+class _EnoughCalls(Exception):
+    """Raised by the recording hook once it has what was asked for; ends the pipeline call early."""
+
+
+def record_denoiser_calls(pipe: Any, *, max_calls: int | None = None, **call_kwargs: Any) -> list[dict[str, Any]]:
     """Run the pipeline once and return the keyword arguments of every denoiser call, in order.
 
     Args:
         pipe: the pipeline.
+        max_calls: stop the generation before the denoiser runs call ``max_calls + 1`` (None: run to the
+            end). With 1 the denoiser never runs at all: capturing needs only its first arguments, and a
+            video pipeline at its default size (HunyuanVideo: 129 frames at 720x1280) would otherwise
+            spend minutes of CPU on a step whose result nobody reads.
         **call_kwargs: arguments of the pipeline call (prompt, num_inference_steps, ...).
     """
     _, denoiser = find_denoiser(pipe)
@@ -157,11 +165,15 @@ def record_denoiser_calls(pipe: Any, **call_kwargs: Any) -> list[dict[str, Any]]
     def hook(module, args, kwargs):
         # PixArt passes the latent positionally: record it under its parameter name.
         calls.append(_detach(bind_positional(positional, args, dict(kwargs))))
+        if max_calls is not None and len(calls) >= max_calls:
+            raise _EnoughCalls
 
     handle = denoiser.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         with torch.no_grad():
             pipe(**call_kwargs)
+    except _EnoughCalls:
+        pass
     finally:
         handle.remove()
     if not calls:

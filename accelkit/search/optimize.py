@@ -622,7 +622,7 @@ def prepare_search(settings: OptimizeSettings, *, role: str = "optimize", consol
             for params in default_trials(settings.passes, targets):
                 study.enqueue_trial(params, skip_if_exists=True)
 
-    calls = record_denoiser_calls(pipe, prompt=calibration_prompts[0], num_inference_steps=2,
+    calls = record_denoiser_calls(pipe, max_calls=1, prompt=calibration_prompts[0], num_inference_steps=2,
                                   generator=torch.Generator("cpu").manual_seed(0), output_type="latent",
                                   **generation)
     graph = capture(loaded.denoiser, calls[0])
