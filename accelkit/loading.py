@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,9 @@ from typing import Any
 import torch
 
 from accelkit.errors import InputError
-from accelkit.runtime.pipeline import bind_positional, find_denoiser, positional_parameter_names
+from accelkit.pipeline_io import find_denoiser, record_denoiser_calls  # record_*: re-exported, moved
+
+__all__ = ["DEFAULT_MODEL", "LoadedModel", "load_pipeline", "record_denoiser_calls", "weights_fingerprint"]
 
 DEFAULT_MODEL = "zoo:shapes"
 
@@ -131,54 +132,6 @@ def _quiet_libraries() -> None:
 
     diffusers_logging.set_verbosity_error()
     diffusers_logging.disable_progress_bar()
-
-
-def _detach(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.detach().clone()
-    if isinstance(value, Mapping):
-        return {k: _detach(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return type(value)(_detach(v) for v in value)
-    return value
-
-
-class _EnoughCalls(Exception):
-    """Raised by the recording hook once it has what was asked for; ends the pipeline call early."""
-
-
-def record_denoiser_calls(pipe: Any, *, max_calls: int | None = None, **call_kwargs: Any) -> list[dict[str, Any]]:
-    """Run the pipeline once and return the keyword arguments of every denoiser call, in order.
-
-    Args:
-        pipe: the pipeline.
-        max_calls: stop the generation before the denoiser runs call ``max_calls + 1`` (None: run to the
-            end). With 1 the denoiser never runs at all: capturing needs only its first arguments, and a
-            video pipeline at its default size (HunyuanVideo: 129 frames at 720x1280) would otherwise
-            spend minutes of CPU on a step whose result nobody reads.
-        **call_kwargs: arguments of the pipeline call (prompt, num_inference_steps, ...).
-    """
-    _, denoiser = find_denoiser(pipe)
-    calls: list[dict[str, Any]] = []
-    positional = positional_parameter_names(denoiser)
-
-    def hook(module, args, kwargs):
-        # PixArt passes the latent positionally: record it under its parameter name.
-        calls.append(_detach(bind_positional(positional, args, dict(kwargs))))
-        if max_calls is not None and len(calls) >= max_calls:
-            raise _EnoughCalls
-
-    handle = denoiser.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            pipe(**call_kwargs)
-    except _EnoughCalls:
-        pass
-    finally:
-        handle.remove()
-    if not calls:
-        raise InputError(f"{type(pipe).__name__} never called its denoiser during a generation")
-    return calls
 
 
 def weights_fingerprint(module: torch.nn.Module) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import weakref
 from collections.abc import Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +23,7 @@ from torch.utils import _pytree as pytree
 from accelkit.capture.blocks import BlockIndex, find_attention_sites, find_blocks, find_linear_sites
 from accelkit.capture.cost import NodeCost, graph_costs
 from accelkit.errors import CaptureError
+from accelkit.families import traits_for
 
 
 @dataclass(frozen=True)
@@ -92,9 +94,9 @@ class DenoiserGraph:
         """Turn the graph's flat user outputs back into what the denoiser returns."""
         output = pytree.tree_unflatten(list(flat_outputs[: self.num_user_outputs]), self.out_spec)
         if return_dict and isinstance(output, tuple):
-            from diffusers.models.modeling_outputs import Transformer2DModelOutput
-
-            return Transformer2DModelOutput(sample=output[0])
+            # Captured with return_dict=False, called with True: wrap as the family's output class
+            # (UNet2DConditionOutput for UNets, Transformer2DModelOutput for transformers).
+            return traits_for(self.family).output_class()(output[0])
         return output
 
 
@@ -191,8 +193,9 @@ def capture(denoiser: torch.nn.Module, kwargs: Mapping[str, Any]) -> DenoiserGra
     family = type(denoiser).__name__
     # Keep the signature order of the original kwargs so the flat graph is stable across calls.
     ordered = dict(kwargs)
+    strategy = traits_for(denoiser).capture_strategy
     try:
-        with torch.no_grad():
+        with torch.no_grad(), (strategy(denoiser, ordered) if strategy is not None else nullcontext()):
             exported = torch.export.export(denoiser, (), ordered, strict=False)
     except Exception as error:  # noqa: BLE001 - any export failure becomes one clear message
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

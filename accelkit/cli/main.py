@@ -273,20 +273,16 @@ def _console(quiet: bool = False) -> Any:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    import torch
     from rich.table import Table
 
-    from accelkit.capture import capture
-    from accelkit.capture.cost import concrete_size
-    from accelkit.loading import load_pipeline, record_denoiser_calls
+    from accelkit.loading import load_pipeline
+    from accelkit.pipeline_io import probe_and_capture
     from accelkit.search.optimize import OptimizeSettings, _generation_defaults
 
     loaded = load_pipeline(args.model)
     generation = _generation_defaults(loaded.pipe, OptimizeSettings(model=args.model, height=args.height,
                                                                     width=args.width), loaded.source)
-    calls = record_denoiser_calls(loaded.pipe, max_calls=1, prompt="a photo", num_inference_steps=2,
-                                  output_type="latent", generator=torch.Generator("cpu").manual_seed(0), **generation)
-    graph = capture(loaded.denoiser, calls[0])
+    _, graph = probe_and_capture(loaded.pipe, generation)
     total = graph.total_flops() or 1.0
     rows = []
     for block in graph.blocks:
@@ -300,7 +296,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for name in graph.attention_sites:
         node = next(n for n in graph.module.graph.nodes if n.name == name)
         value = node.args[0].meta.get("val")
-        tokens[name] = concrete_size(value.shape[-2]) if value is not None else None
+        tokens[name] = int(value.shape[-2]) if value is not None else None
     info = {
         "model": loaded.model_id, "family": graph.family, "params": params,
         "inputs": {n: s.to_dict() for n, s in zip(graph.input_names, graph.input_specs, strict=True)},

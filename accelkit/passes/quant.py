@@ -44,6 +44,7 @@ from torch import fx
 from accelkit.capture.cost import get_attr_value
 from accelkit.capture.graph import clone_graph_module, eliminate_dead_nodes
 from accelkit.errors import InputError
+from accelkit.families import GENERIC_KEEP_16BIT, traits_for
 from accelkit.passes.base import (
     Choice,
     GraphVariant,
@@ -71,12 +72,9 @@ aten = torch.ops.aten
 
 ACT_MODES = ("w4a16", "w4a8", "w4a4")
 TENSOR_NAMES = ("packed", "scales", "lora_down", "lora_up", "smooth")
-# Embedders, final projections and time/text embedders stay 16-bit (SVDQuant keeps them on FLUX).
-# A pattern matches a layer path equal to it or below it (``fnmatch`` globs allowed), from the root.
-DEFAULT_SKIP_PATTERNS = (
-    "x_embedder", "context_embedder", "time_text_embed", "proj_out", "norm_out",
-    "pos_embed", "adaln_single", "caption_projection", "proj_out_1", "proj_out_2", "*.timestep_embedder.*",
-)  # fmt: skip
+# Embedders, final projections and time/text embedders stay 16-bit (SVDQuant keeps them on FLUX); the
+# model family adds its own (accelkit.families: keep_16bit).
+DEFAULT_SKIP_PATTERNS = GENERIC_KEEP_16BIT
 # Rows of each layer's calibration input kept for the output-error search (spread over the calls).
 SAMPLE_ROWS = 256
 # How many recorded denoiser calls feed the statistics (spread over timesteps and prompts).
@@ -300,8 +298,12 @@ def _matches(path: str, patterns: Sequence[str]) -> str | None:
     return None
 
 
-def find_quant_sites(module: fx.GraphModule, config: QuantConfig) -> list[LayerSite]:
-    """Every linear weight of ``module`` in graph order, with the reason it is skipped (if it is)."""
+def find_quant_sites(module: fx.GraphModule, config: QuantConfig, family: str | None = None) -> list[LayerSite]:
+    """Every linear weight of ``module`` in graph order, with the reason it is skipped (if it is).
+
+    ``family`` (the denoiser class name) adds that family's 16-bit layers to ``config.skip_patterns``.
+    """
+    patterns = tuple(config.skip_patterns) + traits_for(family).keep_16bit
     by_weight: dict[str, list[str]] = {}
     for node in module.graph.nodes:
         if node.op != "call_function" or node.target is not aten.linear.default:
@@ -316,7 +318,7 @@ def find_quant_sites(module: fx.GraphModule, config: QuantConfig) -> list[LayerS
         path = target.removesuffix(".weight")
         shape = tuple(int(s) for s in tensor.shape)
         reason = None
-        pattern = _matches(path, config.skip_patterns)
+        pattern = _matches(path, patterns)
         if pattern is not None:
             reason = f"skip pattern '{pattern}'"
         elif tensor.dim() != 2 or not tensor.is_floating_point():
@@ -521,7 +523,7 @@ def quant(program: Program, config: QuantConfig, calib: Any) -> PassResult:
         return PassResult(program, modified=False, stats={"quantized": []}, resolved_config=config)
     full = program.sole_full_variant("quant")
     module = full.module
-    sites = find_quant_sites(module, config)
+    sites = find_quant_sites(module, config, program.graph.family)
     by_path = {s.path: s for s in sites}
     candidates = [s for s in sites if s.reason is None]
     stats: dict[str, Any] = {"skipped": {s.path: s.reason for s in sites if s.reason is not None}}

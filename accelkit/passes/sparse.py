@@ -40,6 +40,7 @@ from torch import fx
 
 from accelkit.capture.graph import clone_graph_module, eliminate_dead_nodes
 from accelkit.errors import InputError
+from accelkit.families import traits_for
 from accelkit.kernels.block_sparse_attention import block_sparse_attention_reference
 from accelkit.kernels.block_sparse_attention.mask_op import (
     predict_block_mask_with_dense_tokens,  # registers the op
@@ -233,8 +234,10 @@ def _text_placement(node: fx.Node, length: int, text_tokens: int, max_visits: in
 
 
 def _text_tokens(program: Program) -> int:
+    """Text token count: the first of the family's text-token inputs (``encoder_hidden_states``...)."""
+    text_inputs = traits_for(program.graph.family).text_token_inputs
     for name, spec in zip(program.graph.input_names, program.graph.input_specs, strict=True):
-        if name == "encoder_hidden_states" and len(spec.shape) >= 3:
+        if name in text_inputs and len(spec.shape) >= 3:
             return int(spec.shape[-2])
     return 0
 

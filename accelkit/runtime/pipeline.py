@@ -7,7 +7,6 @@ index in the scheduler's timesteps and runs the graph variant the program names 
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import numpy as np
@@ -15,58 +14,29 @@ import torch
 
 from accelkit.errors import InputError, PlanMismatchError
 from accelkit.passes.base import Program
+
+# Pipeline I/O moved to accelkit.pipeline_io; re-exported for code importing it from here.
+from accelkit.pipeline_io import (  # noqa: F401
+    accepts_argument,
+    bind_positional,
+    family_of,
+    find_denoiser,
+    positional_parameter_names,
+)
 from accelkit.runtime.executor import ProgramExecutor
-
-
-def find_denoiser(pipe: Any) -> tuple[str, torch.nn.Module]:
-    """The attribute name and module of the pipeline's denoiser (``transformer`` or ``unet``)."""
-    for attribute in ("transformer", "unet"):
-        module = getattr(pipe, attribute, None)
-        if isinstance(module, torch.nn.Module):
-            return attribute, module
-    raise InputError(
-        f"{type(pipe).__name__} has no 'transformer' or 'unet' component: accelkit optimizes the denoiser "
-        "of a diffusers pipeline; pass a text-to-image pipeline folder"
-    )
-
-
-def positional_parameter_names(module: torch.nn.Module) -> tuple[str, ...]:
-    """Names of the parameters of ``type(module).forward`` that may be passed positionally, in order.
-
-    Some pipelines pass the latent positionally (PixArt: ``transformer(latent_model_input, ...)``);
-    accelkit works with keyword arguments, so positional values are bound to these names.
-    """
-    try:
-        parameters = list(inspect.signature(type(module).forward).parameters.values())[1:]  # drop self
-    except (TypeError, ValueError):
-        return ()
-    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    return tuple(p.name for p in parameters if p.kind in kinds)
-
-
-def bind_positional(names: tuple[str, ...], args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
-    """``kwargs`` with the positional ``args`` added under their parameter ``names``."""
-    if len(args) > len(names):
-        raise InputError(
-            f"the denoiser was called with {len(args)} positional arguments but its forward names only "
-            f"{len(names)}; accelkit needs keyword arguments"
-        )
-    bound = dict(zip(names, args, strict=False))
-    clash = sorted(set(bound) & set(kwargs))
-    if clash:
-        raise InputError(f"denoiser argument(s) {clash} given both positionally and by keyword")
-    return {**bound, **kwargs}
 
 
 class StepLocator:
     """Maps a denoiser call's ``timestep`` to its index in ``scheduler.timesteps``.
 
-    Pipelines pass the scheduler's timestep either as is (SD3, PixArt, UNets) or divided by 1000
-    (Flux); both scales are tried and the nearest timestep wins.
+    Pipelines pass the scheduler's timestep as is (SD3, PixArt, UNets), divided by 1000 (Flux) or as
+    ``1 - t/1000`` (Lumina2); the family's ``timestep_maps`` say which (the generic family tries the
+    first two and the nearest timestep wins).
     """
 
     def __init__(self, pipe: Any) -> None:
         self._pipe = pipe
+        self._maps = family_of(pipe).timestep_maps
         self._source: torch.Tensor | None = None
         self._values: np.ndarray | None = None
 
@@ -83,8 +53,10 @@ class StepLocator:
         values = self.timesteps()
         t = float(torch.as_tensor(timestep).reshape(-1)[0])
         best_index, best_error = 0, float("inf")
-        for scale in (1.0, 1e-3):
-            errors = np.abs(values * scale - t) / max(abs(t), 1e-6)
+        for scale, offset in self._maps:
+            mapped = values * scale + offset
+            # Relative error, floored for timesteps near 0 (Lumina2's first step passes 1 - 1000/1000).
+            errors = np.abs(mapped - t) / max(abs(t), 1e-3 * float(np.abs(mapped).max(initial=0.0)), 1e-6)
             index = int(np.argmin(errors))
             if errors[index] < best_error:
                 best_index, best_error = index, float(errors[index])
@@ -111,6 +83,7 @@ class StepAwareForward:
             self._positional = positional_parameter_names(find_denoiser(pipe)[1])
         except InputError:
             self._positional = ()
+        self._timestep_input = family_of(pipe).timestep_input
         self._last_step = -1
         self._branch = 0
         self.calls = 0
@@ -125,7 +98,7 @@ class StepAwareForward:
                 f"the plan was made for {program.num_steps} denoising steps but the pipeline runs "
                 f"{num_timesteps}: call it with num_inference_steps={program.num_steps}"
             )
-        step = self.locator.locate(kwargs["timestep"])
+        step = self.locator.locate(kwargs[self._timestep_input])
         if step == self._last_step:
             # Same step again: the pipeline runs CFG as separate calls; each branch keeps its own cache.
             self._branch += 1
@@ -142,13 +115,6 @@ class StepAwareForward:
         self._last_step = -1
         self._branch = 0
         self.executor.reset()
-
-
-def _accepts(pipe: Any, name: str) -> bool:
-    try:
-        return name in inspect.signature(type(pipe).__call__).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 class AcceleratedPipeline:
@@ -193,7 +159,7 @@ class AcceleratedPipeline:
             kwargs.setdefault(key, value)
         if self.program.sigmas is not None:
             kind = self.program.timestep_kind
-            if not _accepts(self.pipe, kind):
+            if not accepts_argument(self.pipe, kind):
                 raise InputError(
                     f"{type(self.pipe).__name__} does not accept custom {kind}: the plan's step schedule "
                     "cannot be applied to it; optimize without the 'steps' pass"

@@ -133,10 +133,9 @@ def read_plan(out_dir: str | Path, budget: str | None = None) -> Plan:
 
 def build_program(plan: Plan, pipe: Any, *, check_weights: bool = True) -> Any:
     """Capture ``pipe``'s denoiser for the plan's settings and replay its passes (no calibration)."""
-    from accelkit.capture import capture
-    from accelkit.loading import record_denoiser_calls, weights_fingerprint
+    from accelkit.loading import weights_fingerprint
     from accelkit.passes.base import Program, config_from_dict, run_passes
-    from accelkit.runtime.pipeline import find_denoiser
+    from accelkit.pipeline_io import find_denoiser, probe_and_capture
 
     _, denoiser = find_denoiser(pipe)
     if check_weights:
@@ -154,17 +153,10 @@ def build_program(plan: Plan, pipe: Any, *, check_weights: bool = True) -> Any:
             "set the same scheduler or optimize again"
         )
     generation = plan.data["generation"]
-    calls = record_denoiser_calls(
-        pipe,
-        prompt=generation.get("probe_prompt", "a photo"),
-        num_inference_steps=2,
-        height=generation["height"],
-        width=generation["width"],
-        guidance_scale=generation["guidance_scale"],
-        generator=torch.Generator("cpu").manual_seed(0),
-        output_type="latent",
+    _, graph = probe_and_capture(
+        pipe, {k: generation[k] for k in ("height", "width", "guidance_scale")},
+        prompt=generation.get("probe_prompt", "a photo"), call_arguments=generation.get("call_arguments"),
     )
-    graph = capture(denoiser, calls[0])
     program = Program.from_graph(graph, int(plan.data["baseline_steps"]))
     if plan.data.get("weights_file"):
         from safetensors.torch import load_file

@@ -173,18 +173,15 @@ def _prompt_sets(settings: OptimizeSettings, source: str) -> tuple[list[str], li
 
 
 def _generation_defaults(pipe: Any, settings: OptimizeSettings, source: str) -> dict[str, Any]:
-    defaults: dict[str, Any] = {}
+    from accelkit.pipeline_io import generation_defaults
+
     if source == "zoo":
         from accelkit.zoo import ZOO_MODELS
 
         info = ZOO_MODELS[(settings.model or "zoo:shapes").removeprefix("zoo:")]
         defaults = {"height": info.height, "width": info.width, "guidance_scale": info.guidance_scale}
     else:
-        denoiser = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
-        sample = getattr(denoiser.config, "sample_size", 64) if denoiser is not None else 64
-        scale = getattr(pipe, "vae_scale_factor", 8)
-        size = int(sample) * int(scale) if isinstance(sample, int) else 512
-        defaults = {"height": size, "width": size, "guidance_scale": 4.5}
+        defaults = generation_defaults(pipe)
     for key in ("height", "width", "guidance_scale"):
         if getattr(settings, key) is not None:
             defaults[key] = getattr(settings, key)
@@ -546,8 +543,8 @@ def prepare_search(settings: OptimizeSettings, *, role: str = "optimize", consol
     import optuna
 
     from accelkit.calibrate import Calibrator
-    from accelkit.capture import capture
-    from accelkit.loading import load_pipeline, record_denoiser_calls, weights_fingerprint
+    from accelkit.loading import load_pipeline, weights_fingerprint
+    from accelkit.pipeline_io import probe_and_capture
     from accelkit.search.cost import device_spec
     from accelkit.search.space import default_trials
 
@@ -622,10 +619,7 @@ def prepare_search(settings: OptimizeSettings, *, role: str = "optimize", consol
             for params in default_trials(settings.passes, targets):
                 study.enqueue_trial(params, skip_if_exists=True)
 
-    calls = record_denoiser_calls(pipe, max_calls=1, prompt=calibration_prompts[0], num_inference_steps=2,
-                                  generator=torch.Generator("cpu").manual_seed(0), output_type="latent",
-                                  **generation)
-    graph = capture(loaded.denoiser, calls[0])
+    calls, graph = probe_and_capture(pipe, generation, prompt=calibration_prompts[0])
     base = Program.from_graph(graph, settings.steps)
     spec = device_spec(cost_target)
     calib = Calibrator(pipe, calibration_prompts, height=generation["height"], width=generation["width"],

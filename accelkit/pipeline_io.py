@@ -1,0 +1,228 @@
+"""Pipeline I/O: find a pipeline's denoiser, record what the pipeline passes it, capture one call.
+
+This sits right above ``capture`` (which it drives) and below everything that runs pipelines
+(calibration, passes, runtime, search, CLI), so there is one copy of each: where the denoiser lives
+and how its latent is passed come from the family traits (``accelkit.families``).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from accelkit.errors import InputError
+from accelkit.families import FamilyTraits, traits_for
+
+_DENOISER_ATTRIBUTES = ("transformer", "unet")
+# Pipeline arguments accelkit sets itself: a --call-arg naming one of these is refused.
+RESERVED_CALL_ARGUMENTS = ("prompt", "num_inference_steps", "generator", "output_type", "sigmas", "timesteps",
+                           "latents", "callback_on_step_end", "return_dict")
+
+
+def find_denoiser(pipe: Any) -> tuple[str, torch.nn.Module]:
+    """The attribute name and module of the pipeline's denoiser (the family's, else ``transformer``/``unet``)."""
+    preferred = traits_for(pipe).denoiser_attribute
+    for attribute in ((preferred,) if preferred else ()) + _DENOISER_ATTRIBUTES:
+        module = getattr(pipe, attribute, None)
+        if isinstance(module, torch.nn.Module):
+            return attribute, module
+    raise InputError(
+        f"{type(pipe).__name__} has no 'transformer' or 'unet' component: accelkit optimizes the denoiser "
+        "of a diffusers pipeline; pass a text-to-image pipeline folder"
+    )
+
+
+def family_of(pipe: Any) -> FamilyTraits:
+    """The pipeline's family: by pipeline class, else by its denoiser's class."""
+    traits = traits_for(pipe)
+    if traits.name != "generic":
+        return traits
+    try:
+        return traits_for(find_denoiser(pipe)[1])
+    except InputError:
+        return traits
+
+
+def positional_parameter_names(module: torch.nn.Module) -> tuple[str, ...]:
+    """Names of the parameters of ``type(module).forward`` that may be passed positionally, in order.
+
+    Some pipelines pass the latent positionally (PixArt: ``transformer(latent_model_input, ...)``);
+    accelkit works with keyword arguments, so positional values are bound to these names.
+    """
+    try:
+        parameters = list(inspect.signature(type(module).forward).parameters.values())[1:]  # drop self
+    except (TypeError, ValueError):
+        return ()
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return tuple(p.name for p in parameters if p.kind in kinds)
+
+
+def bind_positional(names: tuple[str, ...], args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` with the positional ``args`` added under their parameter ``names``."""
+    if len(args) > len(names):
+        raise InputError(
+            f"the denoiser was called with {len(args)} positional arguments but its forward names only "
+            f"{len(names)}; accelkit needs keyword arguments"
+        )
+    bound = dict(zip(names, args, strict=False))
+    clash = sorted(set(bound) & set(kwargs))
+    if clash:
+        raise InputError(f"denoiser argument(s) {clash} given both positionally and by keyword")
+    return {**bound, **kwargs}
+
+
+def _detach(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, Mapping):
+        return {k: _detach(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_detach(v) for v in value)
+    return value
+
+
+def record_denoiser_calls(pipe: Any, **call_kwargs: Any) -> list[dict[str, Any]]:
+    """Run the pipeline once and return the keyword arguments of every denoiser call, in order.
+
+    Args:
+        pipe: the pipeline.
+        **call_kwargs: arguments of the pipeline call (prompt, num_inference_steps, ...).
+
+    Raises:
+        InputError: the pipeline rejects the arguments (its own ``ValueError``, in one line) or never
+            calls its denoiser.
+    """
+    _, denoiser = find_denoiser(pipe)
+    calls: list[dict[str, Any]] = []
+    positional = positional_parameter_names(denoiser)
+
+    def hook(module, args, kwargs):
+        # PixArt passes the latent positionally: record it under its parameter name.
+        calls.append(_detach(bind_positional(positional, args, dict(kwargs))))
+
+    handle = denoiser.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            pipe(**call_kwargs)
+    except (ValueError, TypeError) as error:
+        # The pipeline's own argument checks ("Invalid sample size", "height must be divisible by 16").
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise InputError(
+            f"{type(pipe).__name__} rejected the generation settings: {first}; change --height/--width or "
+            "pass the pipeline argument it needs with --call-arg KEY=VALUE"
+        ) from error
+    finally:
+        handle.remove()
+    if not calls:
+        raise InputError(f"{type(pipe).__name__} never called its denoiser during a generation")
+    return calls
+
+
+def call_signature_defaults(pipe: Any) -> dict[str, Any]:
+    """Default values of the pipeline's own ``__call__`` keyword parameters (those that have one)."""
+    try:
+        parameters = inspect.signature(type(pipe).__call__).parameters.values()
+    except (TypeError, ValueError):
+        return {}
+    return {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
+
+
+def accepts_argument(pipe: Any, name: str, *, through_var_keyword: bool = False) -> bool:
+    """Whether the pipeline's ``__call__`` names ``name`` (or, optionally, takes any keyword via ``**kwargs``)."""
+    try:
+        parameters = inspect.signature(type(pipe).__call__).parameters
+    except (TypeError, ValueError):
+        return False
+    if name in parameters:
+        return True
+    return through_var_keyword and any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+
+
+def generation_defaults(pipe: Any) -> dict[str, Any]:
+    """Resolution and guidance a pipeline generates with when the user gives none.
+
+    The resolution is the denoiser's ``sample_size`` times the VAE scale factor (512 when unknown); the
+    guidance scale is the family's, else the default of the pipeline's own ``__call__`` signature.
+    """
+    traits = family_of(pipe)
+    try:
+        config = getattr(find_denoiser(pipe)[1], "config", None)
+    except InputError:
+        config = None
+    sample = getattr(config, "sample_size", None)
+    if isinstance(sample, list | tuple) and sample:
+        sample = sample[0]
+    scale = getattr(pipe, "vae_scale_factor", 8)
+    size = int(sample) * int(scale) if isinstance(sample, int) and isinstance(scale, int) else 512
+    guidance = traits.default_guidance
+    if guidance is None:
+        signature_default = call_signature_defaults(pipe).get("guidance_scale")
+        guidance = float(signature_default) if isinstance(signature_default, int | float) else None
+    return {"height": size, "width": size, "guidance_scale": guidance}
+
+
+def parse_call_arguments(pairs: list[str] | tuple[str, ...] | None) -> dict[str, Any]:
+    """``KEY=VALUE`` strings to a dict: VALUE parsed as JSON, else kept as a string.
+
+    Raises:
+        InputError: an item has no ``=``, an empty key, or names an argument accelkit sets itself.
+    """
+    import json
+
+    result: dict[str, Any] = {}
+    for pair in pairs or ():
+        key, sep, raw = str(pair).partition("=")
+        key = key.strip()
+        if not sep or not key or not key.isidentifier():
+            raise InputError(f"--call-arg '{pair}' must read KEY=VALUE with a Python identifier as KEY, "
+                             "e.g. --call-arg max_sequence_length=128")
+        if key in RESERVED_CALL_ARGUMENTS:
+            raise InputError(f"--call-arg {key} is set by accelkit itself; use the matching option instead")
+        try:
+            result[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            result[key] = raw
+    return result
+
+
+def pipeline_call_arguments(pipe: Any, generation: Mapping[str, Any], user: Mapping[str, Any] | None = None
+                            ) -> dict[str, Any]:
+    """The extra pipeline arguments of a generation: the family's needs, overridden by the user's.
+
+    Raises:
+        InputError: a user argument the pipeline's ``__call__`` does not take.
+    """
+    user = dict(user or {})
+    unknown = sorted(k for k in user if not accepts_argument(pipe, k, through_var_keyword=True))
+    if unknown:
+        raise InputError(f"{type(pipe).__name__} takes no argument(s) {unknown}: check the --call-arg names "
+                         "against the pipeline's __call__")
+    needed = family_of(pipe).call_arguments(pipe, generation)
+    return {**{k: v for k, v in needed.items() if accepts_argument(pipe, k)}, **user}
+
+
+def probe_and_capture(pipe: Any, generation: Mapping[str, Any], *, prompt: str = "a photo",
+                      call_arguments: Mapping[str, Any] | None = None) -> tuple[list[dict[str, Any]], Any]:
+    """Run a 2-step latent generation, record the denoiser calls and capture the first.
+
+    Args:
+        pipe: the pipeline.
+        generation: ``height``, ``width``, ``guidance_scale`` (None: the pipeline's default), and
+            optionally ``num_frames`` for video pipelines.
+        prompt: the probe prompt.
+        call_arguments: extra pipeline arguments (see :func:`pipeline_call_arguments`).
+
+    Returns:
+        ``(calls, graph)``: the recorded keyword arguments per denoiser call and the
+        :class:`~accelkit.capture.graph.DenoiserGraph` of the first call.
+    """
+    from accelkit.capture import capture
+
+    kwargs = {k: v for k, v in generation.items() if k not in ("probe_prompt",) and v is not None}
+    kwargs.update(pipeline_call_arguments(pipe, generation, call_arguments))
+    calls = record_denoiser_calls(pipe, prompt=prompt, num_inference_steps=2,
+                                  generator=torch.Generator("cpu").manual_seed(0), output_type="latent", **kwargs)
+    return calls, capture(find_denoiser(pipe)[1], calls[0])
