@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true", help="print JSON instead of tables")
     inspect.add_argument("--height", type=int, help="image height to capture at (default: the model's)")
     inspect.add_argument("--width", type=int, help="image width to capture at (default: the model's)")
+    inspect.add_argument("--num-frames", type=int,
+                         help="frames to capture at, for video pipelines (default: the pipeline's)")
 
     optimize = commands.add_parser(
         "optimize", help="search pass settings to meet speed budgets; write plans and a fidelity report",
@@ -141,7 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--model", default=None, help="model to load (default: the one the plan names)")
     run.add_argument("--prompt", action="append", required=True, help="prompt; repeat for several")
     run.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
-    run.add_argument("--output", default="accelkit-run.png", help="image file (PNG); several prompts get -N suffixes")
+    run.add_argument("--output", default="accelkit-run.png",
+                     help="image file (PNG); several prompts get -N suffixes. Videos: .png writes the frames "
+                          "side by side, .gif an animation")
+    run.add_argument("--num-frames", type=int, default=None,
+                     help="frames per video, for video plans (default and only valid value: the plan's)")
     run.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     run.add_argument("--backend", default="pytorch", choices=["pytorch", "onnxruntime", "tensorrt"],
                      help="run the denoiser in PyTorch (default), from the plan's ONNX export, or from its "
@@ -238,6 +244,8 @@ def _add_search_options(parser: argparse.ArgumentParser, *, worker: bool = False
     parser.add_argument("--height", type=int, default=None, help="image height (default: the model's)")
     parser.add_argument("--width", type=int, default=None, help="image width (default: the model's)")
     parser.add_argument("--guidance-scale", type=float, default=None, help="CFG scale (default: the model's)")
+    parser.add_argument("--num-frames", type=int, default=None,
+                        help="frames per video, for video pipelines (default: the pipeline's)")
     parser.add_argument("--heartbeat", type=int, default=10,
                         help="seconds between heartbeats of a running trial (default: 10)")
     parser.add_argument("--grace-period", type=int, default=None,
@@ -257,7 +265,7 @@ def _settings_from_args(args: argparse.Namespace) -> Any:
         eval_prompts_file=args.eval_prompts, seed=args.seed, device=args.device, cost=args.cost,
         cost_target=args.cost_target, min_psnr=args.min_psnr, storage=args.storage, study=args.study,
         out=args.out, height=args.height, width=args.width, guidance_scale=args.guidance_scale,
-        heartbeat=args.heartbeat, grace_period=args.grace_period)
+        num_frames=args.num_frames, heartbeat=args.heartbeat, grace_period=args.grace_period)
 
 
 def _version() -> str:
@@ -281,7 +289,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     loaded = load_pipeline(args.model)
     generation = _generation_defaults(loaded.pipe, OptimizeSettings(model=args.model, height=args.height,
-                                                                    width=args.width), loaded.source)
+                                                                    width=args.width, num_frames=args.num_frames),
+                                      loaded.source)
     _, graph = probe_and_capture(loaded.pipe, generation)
     total = graph.total_flops() or 1.0
     rows = []
@@ -415,9 +424,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    import numpy as np
     import torch
-    from PIL import Image
 
     from accelkit.errors import InputError
     from accelkit.loading import load_pipeline
@@ -428,6 +435,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         require_tensorrt()
     plan = read_plan(args.out, args.budget)
+    output = Path(args.output)
+    video = "num_frames" in plan.data["generation"]
+    if output.suffix.lower() not in ((".png", ".gif") if video else (".png",)):
+        raise InputError(f"--output '{output}' must end in .png" + (" or .gif" if video else ""))
     model = args.model or plan.data["model"]["id"]
     loaded = load_pipeline(model, device=args.device)
     if args.backend == "onnxruntime":
@@ -436,23 +447,41 @@ def cmd_run(args: argparse.Namespace) -> int:
         accelerated = load_tensorrt(args.out, loaded.pipe, plan.budget)
     else:
         accelerated = load(args.out, loaded.pipe, plan.budget)
-    output = Path(args.output)
-    if output.suffix.lower() != ".png":
-        raise InputError(f"--output '{output}' must end in .png")
+    extra = {"num_frames": args.num_frames} if args.num_frames is not None else {}
     written = []
     for index, prompt in enumerate(args.prompt):
         result = accelerated(prompt=prompt, generator=torch.Generator("cpu").manual_seed(args.seed + index),
-                             output_type="np")
-        array = np.asarray(result.images[0])
-        image = Image.fromarray((np.clip(array, 0, 1) * 255).round().astype(np.uint8))
+                             output_type="np", **extra)
         target = output if len(args.prompt) == 1 else output.with_name(f"{output.stem}-{index}{output.suffix}")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp")
-        image.save(tmp, format="PNG")
-        tmp.replace(target)
+        _save_frames(_output_frames(result), target)
         written.append(str(target))
     print("\n".join(written))
     return 0
+
+
+def _output_frames(result: Any) -> list[Any]:
+    """The first output of a pipeline call as uint8 (H, W, C) arrays: one image, or a video's frames."""
+    import numpy as np
+
+    media = result.frames[0] if hasattr(result, "frames") else result.images[0]
+    array = np.asarray(media, dtype=np.float32)
+    frames = list(array) if array.ndim == 4 else [array]
+    return [(np.clip(f, 0, 1) * 255).round().astype(np.uint8) for f in frames]
+
+
+def _save_frames(frames: list[Any], target: Any) -> None:
+    """Write frames atomically: ``.gif`` as an animation, ``.png`` side by side (one frame: the image)."""
+    import numpy as np
+    from PIL import Image
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    if target.suffix.lower() == ".gif":
+        images = [Image.fromarray(f) for f in frames]
+        images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=125, loop=0)
+    else:
+        Image.fromarray(np.concatenate(frames, axis=1)).save(tmp, format="PNG")
+    tmp.replace(target)
 
 
 def cmd_export(args: argparse.Namespace) -> int:

@@ -43,11 +43,8 @@ class Plan:
     @property
     def call_defaults(self) -> dict[str, Any]:
         generation = self.data["generation"]
-        return {
-            "height": generation["height"],
-            "width": generation["width"],
-            "guidance_scale": generation["guidance_scale"],
-        }
+        # num_frames only for plans of video pipelines.
+        return {k: generation[k] for k in ("height", "width", "guidance_scale", "num_frames") if k in generation}
 
 
 def scheduler_identity(pipe: Any) -> dict[str, Any]:
@@ -154,7 +151,7 @@ def build_program(plan: Plan, pipe: Any, *, check_weights: bool = True) -> Any:
         )
     generation = plan.data["generation"]
     _, graph = probe_and_capture(
-        pipe, {k: generation[k] for k in ("height", "width", "guidance_scale")},
+        pipe, {k: generation[k] for k in ("height", "width", "guidance_scale", "num_frames") if k in generation},
         prompt=generation.get("probe_prompt", "a photo"), call_arguments=generation.get("call_arguments"),
     )
     program = Program.from_graph(graph, int(plan.data["baseline_steps"]))
