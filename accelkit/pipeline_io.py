@@ -246,16 +246,35 @@ def pipeline_call_arguments(pipe: Any, generation: Mapping[str, Any], user: Mapp
     return {**{k: v for k, v in needed.items() if accepts_argument(pipe, k)}, **user}
 
 
-def probe_and_capture(pipe: Any, generation: Mapping[str, Any], *, prompt: str = "a photo",
-                      call_arguments: Mapping[str, Any] | None = None) -> tuple[list[dict[str, Any]], Any]:
+def with_call_arguments(pipe: Any, generation: Mapping[str, Any], user: Mapping[str, Any] | None = None
+                        ) -> dict[str, Any]:
+    """``generation`` plus ``call_arguments`` (family needs and the user's), the key left out when empty.
+
+    The result is what a plan and a study store: everything a later process passes the pipeline.
+    """
+    result = {k: v for k, v in generation.items() if k != "call_arguments"}
+    arguments = pipeline_call_arguments(pipe, result, {**generation.get("call_arguments", {}), **(user or {})})
+    if arguments:
+        result["call_arguments"] = arguments
+    return result
+
+
+def generation_call_kwargs(generation: Mapping[str, Any]) -> dict[str, Any]:
+    """Pipeline keyword arguments of stored generation settings (None values left to the pipeline)."""
+    kwargs = {k: v for k, v in generation.items() if k not in ("probe_prompt", "call_arguments") and v is not None}
+    return {**kwargs, **generation.get("call_arguments", {})}
+
+
+def probe_and_capture(pipe: Any, generation: Mapping[str, Any], *, prompt: str = "a photo"
+                      ) -> tuple[list[dict[str, Any]], Any]:
     """Record the first denoiser call of a 2-step latent generation (the denoiser does not run) and capture it.
 
     Args:
         pipe: the pipeline.
-        generation: ``height``, ``width``, ``guidance_scale`` (None: the pipeline's default), and
-            optionally ``num_frames`` for video pipelines.
+        generation: ``height``, ``width``, ``guidance_scale`` (None: the pipeline's default), optionally
+            ``num_frames`` for video pipelines and ``call_arguments`` (see :func:`with_call_arguments`;
+            when absent, the family's needs are added).
         prompt: the probe prompt.
-        call_arguments: extra pipeline arguments (see :func:`pipeline_call_arguments`).
 
     Returns:
         ``(calls, graph)``: the recorded keyword arguments of the first denoiser call (a one-item list) and the
@@ -263,8 +282,9 @@ def probe_and_capture(pipe: Any, generation: Mapping[str, Any], *, prompt: str =
     """
     from accelkit.capture import capture
 
-    kwargs = {k: v for k, v in generation.items() if k not in ("probe_prompt",) and v is not None}
-    kwargs.update(pipeline_call_arguments(pipe, generation, call_arguments))
+    if "call_arguments" not in generation:
+        generation = with_call_arguments(pipe, generation)
+    kwargs = generation_call_kwargs(generation)
     calls = record_denoiser_calls(pipe, max_calls=1, prompt=prompt, num_inference_steps=2,
                                   generator=torch.Generator("cpu").manual_seed(0), output_type="latent", **kwargs)
     return calls, capture(find_denoiser(pipe)[1], calls[0])

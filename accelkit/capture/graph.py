@@ -3,7 +3,10 @@
 ``torch.fx.symbolic_trace`` fails on every diffusers denoiser (data-dependent Python, ``**kwargs``,
 dataclass outputs); ``torch.export(strict=False)`` captures them exactly. The exported program is
 unlifted into a plain ``fx.GraphModule`` whose placeholders are the tensor keyword arguments, in a
-recorded order, and whose output is a flat tuple. That flat calling convention is what passes
+recorded order, and whose output is a flat tuple. Tensors nested in dicts, lists and tuples (SDXL's
+``added_cond_kwargs``, rotary embeddings passed as a tuple, Z-Image's list of latents, ControlNet
+residuals) are graph inputs of their own, named by their path (``added_cond_kwargs.text_embeds``,
+``image_rotary_emb.0``); the containers' other contents are part of the call signature. That flat calling convention is what passes
 extend (extra state inputs/outputs) and what the runtime and the exporter drive.
 """
 
@@ -54,7 +57,7 @@ class DenoiserGraph:
         module: flat ``fx.GraphModule``; ``forward(*tensor_inputs) -> tuple`` of the user outputs.
         input_names: keyword names of the tensor inputs, in placeholder order.
         input_specs: shape/dtype per tensor input: the shape signature this graph is valid for.
-        static_kwargs: non-tensor keyword arguments baked into the graph (``return_dict`` ...);
+        static_kwargs: keyword arguments holding no tensor, baked into the graph (``return_dict`` ...);
             a call with other values is refused.
         out_spec: pytree spec that rebuilds the denoiser's original output from the flat tuple.
         family: the denoiser class name, e.g. ``"FluxTransformer2DModel"``.
@@ -62,6 +65,8 @@ class DenoiserGraph:
         attention_sites: names of ``scaled_dot_product_attention`` nodes.
         linear_sites: names of ``aten.linear`` nodes.
         costs: FLOPs and bytes per node name.
+        nested_structure: per keyword argument that holds tensors inside a container, the container
+            with each tensor replaced by :data:`TENSOR_SLOT` (part of the signature).
     """
 
     module: fx.GraphModule
@@ -74,6 +79,7 @@ class DenoiserGraph:
     attention_sites: tuple[str, ...]
     linear_sites: tuple[str, ...]
     costs: dict[str, NodeCost] = field(repr=False)
+    nested_structure: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_user_outputs(self) -> int:
@@ -84,11 +90,15 @@ class DenoiserGraph:
 
     def signature(self) -> tuple:
         """Hashable shape signature: one capture serves exactly one signature."""
-        return shape_signature_from_specs(self.input_names, self.input_specs, self.static_kwargs)
+        return shape_signature_from_specs(self.input_names, self.input_specs, self.static_kwargs,
+                                          self.nested_structure)
 
     def flat_inputs(self, kwargs: Mapping[str, Any]) -> list[torch.Tensor]:
-        """Pick the graph's tensor inputs out of a denoiser call's keyword arguments."""
-        return [kwargs[name] for name in self.input_names]
+        """Pick the graph's tensor inputs (nested ones included) out of a denoiser call's keyword arguments."""
+        if all(name in kwargs for name in self.input_names):
+            return [kwargs[name] for name in self.input_names]
+        tensors = split_call(kwargs)[0]
+        return [tensors[name] for name in self.input_names]
 
     def rebuild_output(self, flat_outputs: tuple[Any, ...] | list[Any], return_dict: bool) -> Any:
         """Turn the graph's flat user outputs back into what the denoiser returns."""
@@ -100,15 +110,45 @@ class DenoiserGraph:
         return output
 
 
-def _split_kwargs(kwargs: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+TENSOR_SLOT = "<tensor>"
+
+
+def _key_name(entry: Any) -> str:
+    for attribute in ("key", "idx", "name"):  # MappingKey, SequenceKey, GetAttrKey
+        if hasattr(entry, attribute):
+            return str(getattr(entry, attribute))
+    return str(entry)
+
+
+def split_call(kwargs: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+    """Split a denoiser call into graph inputs and constants.
+
+    Returns:
+        ``(tensors, statics, nested)``: every tensor by its path name, in the order ``torch.export``
+        flattens the call (``added_cond_kwargs.text_embeds``); the arguments holding no tensor; and per
+        argument with nested tensors, its container with :data:`TENSOR_SLOT` for each tensor.
+    """
     tensors: dict[str, torch.Tensor] = {}
     statics: dict[str, Any] = {}
+    nested: dict[str, Any] = {}
     for key, value in kwargs.items():
         if isinstance(value, torch.Tensor):
             tensors[key] = value
-        else:
+            continue
+        leaves, _ = pytree.tree_flatten_with_path(value)
+        if not any(isinstance(leaf, torch.Tensor) for _, leaf in leaves):
             statics[key] = value
-    return tensors, statics
+            continue
+        for path, leaf in leaves:
+            if isinstance(leaf, torch.Tensor):
+                tensors[".".join([key, *(_key_name(p) for p in path)])] = leaf
+        nested[key] = pytree.tree_map(lambda x: TENSOR_SLOT if isinstance(x, torch.Tensor) else x, value)
+    return tensors, statics, nested
+
+
+def _leaf_is_tensor(kwargs: Mapping[str, Any]) -> list[bool]:
+    """Per leaf of the call as ``torch.export`` flattens it (one placeholder each): whether it is a tensor."""
+    return [isinstance(leaf, torch.Tensor) for leaf in pytree.tree_leaves(dict(kwargs))]
 
 
 def _static_key(value: Any) -> Any:
@@ -123,24 +163,26 @@ def _static_key(value: Any) -> Any:
 
 
 def shape_signature(kwargs: Mapping[str, Any]) -> tuple:
-    """Hashable signature of a denoiser call: tensor shapes/dtypes and non-tensor values."""
-    tensors, statics = _split_kwargs(kwargs)
+    """Hashable signature of a denoiser call: tensor shapes/dtypes (nested ones too) and the rest's values."""
+    tensors, statics, nested = split_call(kwargs)
     names = tuple(tensors)
     specs = tuple(TensorSpec.of(t) for t in tensors.values())
-    return shape_signature_from_specs(names, specs, statics)
+    return shape_signature_from_specs(names, specs, statics, nested)
 
 
 def shape_signature_from_specs(
-    names: tuple[str, ...], specs: tuple[TensorSpec, ...], statics: Mapping[str, Any]
+    names: tuple[str, ...], specs: tuple[TensorSpec, ...], statics: Mapping[str, Any],
+    nested: Mapping[str, Any] | None = None,
 ) -> tuple:
     return (
         tuple(sorted(zip(names, ((s.shape, s.dtype) for s in specs), strict=True))),
         tuple(sorted((k, _static_key(v)) for k, v in statics.items())),
+        tuple(sorted((k, _static_key(v)) for k, v in (nested or {}).items())),
     )
 
 
-def _flatten_module(exported: torch.export.ExportedProgram, tensor_names: list[str]) -> fx.GraphModule:
-    """Unlift an exported program into a GraphModule with plain positional placeholders."""
+def _flatten_module(exported: torch.export.ExportedProgram, leaf_is_tensor: list[bool]) -> fx.GraphModule:
+    """Unlift an exported program into a GraphModule with one positional placeholder per tensor leaf."""
     module = exported.module()
     graph = module.graph
     # The unlifted module parses (args, kwargs) with a pytree codegen; passes need plain placeholders.
@@ -153,18 +195,22 @@ def _flatten_module(exported: torch.export.ExportedProgram, tensor_names: list[s
         # dead-code elimination (a cached span must vanish); shapes are checked once per call instead.
         elif node.op == "call_function" and str(node.target).startswith("aten._assert_"):
             graph.erase_node(node)
-    for node in list(graph.nodes):
-        if node.op == "placeholder" and node.name not in tensor_names and node.target not in tensor_names:
-            if node.users:
-                raise CaptureError(
-                    f"non-tensor input '{node.target}' is used by the captured graph; accelkit can only "
-                    "capture denoisers whose non-tensor arguments are constants"
-                )
-            graph.erase_node(node)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    order = [str(n.target) for n in placeholders]
-    if order != tensor_names:
-        raise CaptureError(f"captured inputs {order} do not match the call's tensor arguments {tensor_names}")
+    if len(placeholders) != len(leaf_is_tensor):
+        raise CaptureError(
+            f"the captured graph has {len(placeholders)} inputs but the call flattens to {len(leaf_is_tensor)} "
+            "values; report the architecture"
+        )
+    # Placeholders follow the call's pytree leaves; non-tensor leaves were specialized into the graph.
+    for node, is_tensor in zip(placeholders, leaf_is_tensor, strict=True):
+        if is_tensor:
+            continue
+        if node.users:
+            raise CaptureError(
+                f"non-tensor input '{node.target}' is used by the captured graph; accelkit can only "
+                "capture denoisers whose non-tensor arguments are constants"
+            )
+        graph.erase_node(node)
     output = next(n for n in graph.nodes if n.op == "output")
     leaves, _ = pytree.tree_flatten(output.args[0])
     output.args = (tuple(leaves),)
@@ -189,7 +235,7 @@ def capture(denoiser: torch.nn.Module, kwargs: Mapping[str, Any]) -> DenoiserGra
         CaptureError: when ``torch.export`` cannot capture the model; the message names the
             architecture and the first line of the underlying error.
     """
-    tensors, statics = _split_kwargs(kwargs)
+    tensors, statics, nested = split_call(kwargs)
     family = type(denoiser).__name__
     # Keep the signature order of the original kwargs so the flat graph is stable across calls.
     ordered = dict(kwargs)
@@ -203,8 +249,8 @@ def capture(denoiser: torch.nn.Module, kwargs: Mapping[str, Any]) -> DenoiserGra
             f"could not capture {family} with torch.export (non-strict): {first_line}. "
             "Report the architecture, or run without the passes that need a graph."
         ) from error
-    tensor_names = [name for name in tensors]
-    module = _flatten_module(exported, tensor_names)
+    tensor_names = list(tensors)
+    module = _flatten_module(exported, _leaf_is_tensor(ordered))
     out_spec = exported.call_spec.out_spec
     blocks = find_blocks(module)
     return DenoiserGraph(
@@ -218,6 +264,7 @@ def capture(denoiser: torch.nn.Module, kwargs: Mapping[str, Any]) -> DenoiserGra
         attention_sites=find_attention_sites(module),
         linear_sites=find_linear_sites(module),
         costs=graph_costs(module),
+        nested_structure=nested,
     )
 
 

@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--width", type=int, help="image width to capture at (default: the model's)")
     inspect.add_argument("--num-frames", type=int,
                          help="frames to capture at, for video pipelines (default: the pipeline's)")
+    _add_call_arg(inspect)
 
     optimize = commands.add_parser(
         "optimize", help="search pass settings to meet speed budgets; write plans and a fidelity report",
@@ -152,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--backend", default="pytorch", choices=["pytorch", "onnxruntime", "tensorrt"],
                      help="run the denoiser in PyTorch (default), from the plan's ONNX export, or from its "
                           "TensorRT engines (needs `accelkit export OUT --target tensorrt` first)")
+    _add_call_arg(run, "on top of the plan's")
 
     export = commands.add_parser(
         "export", help="export a plan's graph variants (ONNX, checked with onnxruntime; or TensorRT engines)",
@@ -246,6 +248,7 @@ def _add_search_options(parser: argparse.ArgumentParser, *, worker: bool = False
     parser.add_argument("--guidance-scale", type=float, default=None, help="CFG scale (default: the model's)")
     parser.add_argument("--num-frames", type=int, default=None,
                         help="frames per video, for video pipelines (default: the pipeline's)")
+    _add_call_arg(parser)
     parser.add_argument("--heartbeat", type=int, default=10,
                         help="seconds between heartbeats of a running trial (default: 10)")
     parser.add_argument("--grace-period", type=int, default=None,
@@ -253,7 +256,14 @@ def _add_search_options(parser: argparse.ArgumentParser, *, worker: bool = False
                              "marked failed and retried (default: 3x --heartbeat); workers of one study must agree")
 
 
+def _add_call_arg(parser: argparse.ArgumentParser, note: str = "stored in the plan") -> None:
+    parser.add_argument("--call-arg", action="append", metavar="KEY=VALUE", default=[],
+                        help=f"extra pipeline call argument, {note}; VALUE is JSON, else a string; repeat for "
+                             "several (e.g. --call-arg max_sequence_length=128 --call-arg negative_prompt=blurry)")
+
+
 def _settings_from_args(args: argparse.Namespace) -> Any:
+    from accelkit.pipeline_io import parse_call_arguments
     from accelkit.search.optimize import OptimizeSettings, parse_budget, parse_passes
 
     budgets = tuple(args.budget or ["2x"])
@@ -265,7 +275,8 @@ def _settings_from_args(args: argparse.Namespace) -> Any:
         eval_prompts_file=args.eval_prompts, seed=args.seed, device=args.device, cost=args.cost,
         cost_target=args.cost_target, min_psnr=args.min_psnr, storage=args.storage, study=args.study,
         out=args.out, height=args.height, width=args.width, guidance_scale=args.guidance_scale,
-        num_frames=args.num_frames, heartbeat=args.heartbeat, grace_period=args.grace_period)
+        call_args=parse_call_arguments(args.call_arg), num_frames=args.num_frames, heartbeat=args.heartbeat,
+        grace_period=args.grace_period)
 
 
 def _version() -> str:
@@ -284,12 +295,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from accelkit.loading import load_pipeline
-    from accelkit.pipeline_io import probe_and_capture
+    from accelkit.pipeline_io import parse_call_arguments, probe_and_capture
     from accelkit.search.optimize import OptimizeSettings, _generation_defaults
 
+    call_args = parse_call_arguments(args.call_arg)
     loaded = load_pipeline(args.model)
     generation = _generation_defaults(loaded.pipe, OptimizeSettings(model=args.model, height=args.height,
-                                                                    width=args.width, num_frames=args.num_frames),
+                                                                    width=args.width, call_args=call_args,
+                                                                    num_frames=args.num_frames),
                                       loaded.source)
     _, graph = probe_and_capture(loaded.pipe, generation)
     total = graph.total_flops() or 1.0
@@ -428,12 +441,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from accelkit.errors import InputError
     from accelkit.loading import load_pipeline
+    from accelkit.pipeline_io import parse_call_arguments, pipeline_call_arguments
     from accelkit.runtime.plan import load, load_onnx, load_tensorrt, read_plan
 
     if args.backend == "tensorrt":
         from accelkit.export.tensorrt import require_tensorrt
 
         require_tensorrt()
+    call_args = parse_call_arguments(args.call_arg)
     plan = read_plan(args.out, args.budget)
     output = Path(args.output)
     video = "num_frames" in plan.data["generation"]
@@ -441,17 +456,19 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise InputError(f"--output '{output}' must end in .png" + (" or .gif" if video else ""))
     model = args.model or plan.data["model"]["id"]
     loaded = load_pipeline(model, device=args.device)
+    call_args = pipeline_call_arguments(loaded.pipe, plan.data["generation"], call_args) if call_args else {}
     if args.backend == "onnxruntime":
         accelerated = load_onnx(args.out, loaded.pipe, plan.budget)
     elif args.backend == "tensorrt":
         accelerated = load_tensorrt(args.out, loaded.pipe, plan.budget)
     else:
         accelerated = load(args.out, loaded.pipe, plan.budget)
-    extra = {"num_frames": args.num_frames} if args.num_frames is not None else {}
+    if args.num_frames is not None:
+        call_args["num_frames"] = args.num_frames
     written = []
     for index, prompt in enumerate(args.prompt):
         result = accelerated(prompt=prompt, generator=torch.Generator("cpu").manual_seed(args.seed + index),
-                             output_type="np", **extra)
+                             output_type="np", **call_args)
         target = output if len(args.prompt) == 1 else output.with_name(f"{output.stem}-{index}{output.suffix}")
         _save_frames(_output_frames(result), target)
         written.append(str(target))

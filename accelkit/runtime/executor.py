@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from accelkit.capture.graph import shape_signature
+from accelkit.capture.graph import shape_signature, split_call
 from accelkit.errors import PlanMismatchError
 from accelkit.passes.base import Program
 
@@ -20,8 +20,9 @@ from accelkit.passes.base import Program
 def describe_signature_mismatch(program: Program, kwargs: Mapping[str, Any]) -> str:
     """One line naming which inputs differ from the ones the plan was made for."""
     differences = []
+    tensors, _, nested = split_call(kwargs)  # nested tensors by path: added_cond_kwargs.text_embeds
     for name, spec in zip(program.graph.input_names, program.graph.input_specs, strict=True):
-        value = kwargs.get(name)
+        value = tensors.get(name)
         if not isinstance(value, torch.Tensor):
             differences.append(f"{name} missing (expected shape {list(spec.shape)})")
         elif tuple(value.shape) != spec.shape or str(value.dtype) != spec.dtype:
@@ -31,7 +32,8 @@ def describe_signature_mismatch(program: Program, kwargs: Mapping[str, Any]) -> 
     for name, expected in program.graph.static_kwargs.items():
         if kwargs.get(name) != expected:
             differences.append(f"{name}={kwargs.get(name)!r}, the plan expects {expected!r}")
-    extra = sorted(set(kwargs) - set(program.graph.input_names) - set(program.graph.static_kwargs))
+    extra = sorted(set(tensors) - set(program.graph.input_names))
+    extra += sorted(set(kwargs) - set(tensors) - set(nested) - set(program.graph.static_kwargs))
     extra = [k for k in extra if kwargs[k] is not None]
     if extra:
         differences.append(f"unexpected argument(s) {extra}")

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from accelkit.capture.graph import split_call
 from accelkit.errors import InputError, PlanMismatchError
 from accelkit.passes.base import Program
 from accelkit.runtime.executor import read_state, write_state
@@ -241,8 +242,9 @@ class ScheduleReplayRunner:
             if shape_signature(kwargs) != self._signature:
                 raise PlanMismatchError(describe_signature_mismatch(program, kwargs))
             return
+        tensors = split_call(kwargs)[0]
         for index, name in enumerate(self.meta.input_names):
-            value = kwargs.get(name)
+            value = tensors.get(name)
             expected = variant.input_shapes[index]
             ok = (
                 isinstance(value, torch.Tensor)
@@ -267,9 +269,10 @@ class ScheduleReplayRunner:
         variant = self.variants[name]
         self.check_inputs(kwargs, variant)
         state = self.states.setdefault(branch, {})
-        reference = kwargs[self.meta.input_names[0]]
+        tensors = split_call(kwargs)[0]  # nested tensors by path, as the graph names its inputs
+        reference = tensors[self.meta.input_names[0]]
         values: list[Any] = [
-            self._feed_user(kwargs[n], variant.input_dtypes[i]) for i, n in enumerate(self.meta.input_names)
+            self._feed_user(tensors[n], variant.input_dtypes[i]) for i, n in enumerate(self.meta.input_names)
         ]
         for state_name in variant.state_inputs:
             values.append(read_state(state, state_name, step, name))

@@ -43,8 +43,13 @@ class Plan:
     @property
     def call_defaults(self) -> dict[str, Any]:
         generation = self.data["generation"]
-        # num_frames only for plans of video pipelines.
-        return {k: generation[k] for k in ("height", "width", "guidance_scale", "num_frames") if k in generation}
+        return {
+            "height": generation["height"],
+            "width": generation["width"],
+            "guidance_scale": generation["guidance_scale"],
+            **({"num_frames": generation["num_frames"]} if "num_frames" in generation else {}),  # video plans
+            **generation.get("call_arguments", {}),  # --call-arg values and what the model family needs
+        }
 
 
 def scheduler_identity(pipe: Any) -> dict[str, Any]:
@@ -150,10 +155,8 @@ def build_program(plan: Plan, pipe: Any, *, check_weights: bool = True) -> Any:
             "set the same scheduler or optimize again"
         )
     generation = plan.data["generation"]
-    _, graph = probe_and_capture(
-        pipe, {k: generation[k] for k in ("height", "width", "guidance_scale", "num_frames") if k in generation},
-        prompt=generation.get("probe_prompt", "a photo"), call_arguments=generation.get("call_arguments"),
-    )
+    probe = {k: v for k, v in generation.items() if k != "probe_prompt"}
+    _, graph = probe_and_capture(pipe, probe, prompt=generation.get("probe_prompt", "a photo"))
     program = Program.from_graph(graph, int(plan.data["baseline_steps"]))
     if plan.data.get("weights_file"):
         from safetensors.torch import load_file

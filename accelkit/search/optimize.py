@@ -100,6 +100,8 @@ class OptimizeSettings:
     guidance_scale: float | None = None
     #: Frames per video (video pipelines only); None: the pipeline's default.
     num_frames: int | None = None
+    #: Extra pipeline call arguments (``--call-arg KEY=VALUE``), on top of those the model family needs.
+    call_args: dict[str, Any] = field(default_factory=dict)
     export: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     #: Heartbeat of running trials in seconds; a trial silent for ``grace_period`` (default 3x) is
@@ -175,7 +177,7 @@ def _prompt_sets(settings: OptimizeSettings, source: str) -> tuple[list[str], li
 
 
 def _generation_defaults(pipe: Any, settings: OptimizeSettings, source: str) -> dict[str, Any]:
-    from accelkit.pipeline_io import generation_defaults
+    from accelkit.pipeline_io import generation_defaults, with_call_arguments
 
     if source == "zoo":
         from accelkit.zoo import ZOO_MODELS
@@ -187,7 +189,7 @@ def _generation_defaults(pipe: Any, settings: OptimizeSettings, source: str) -> 
     for key in ("height", "width", "guidance_scale", "num_frames"):
         if getattr(settings, key) is not None:
             defaults[key] = getattr(settings, key)
-    return defaults
+    return with_call_arguments(pipe, defaults, settings.call_args)
 
 
 def study_name_for(settings: OptimizeSettings, model_id: str, weights_hash: str, generation: dict) -> str:
@@ -366,7 +368,7 @@ def study_settings(settings: OptimizeSettings, *, model_id: str, weights_hash: s
         "budgets": [budget_name(t) for t in targets],
         "steps": settings.steps,
         "seed": settings.seed,
-        "generation": {k: generation[k] for k in ("height", "width", "guidance_scale", "num_frames")
+        "generation": {k: generation[k] for k in ("height", "width", "guidance_scale", "num_frames", "call_arguments")
                        if k in generation},
         "calibration_prompts": list(calibration_prompts),
         "evaluation_prompts": list(evaluation_prompts),
@@ -628,7 +630,8 @@ def prepare_search(settings: OptimizeSettings, *, role: str = "optimize", consol
     calib = Calibrator(pipe, calibration_prompts, height=generation["height"], width=generation["width"],
                        guidance_scale=generation["guidance_scale"], seed=settings.seed,
                        num_frames=generation.get("num_frames"), weights_hash=weights_hash,
-                       cache_dir=out / "calibration" if out is not None else None)
+                       cache_dir=out / "calibration" if out is not None else None,
+                       extra_call_kwargs=dict(generation.get("call_arguments", {})))
     evaluator = Evaluator(base=base, calib=calib, spec=spec,
                           latency_inputs=calls[0] if settings.cost == "latency" else None)
     if role != "report":

@@ -104,7 +104,8 @@ def settings_from_study(storage_url: str, study_name: str, *, out: str, model: s
         device=device or stored.get("device", "cpu"), cost=stored["cost"], cost_target=stored["cost_target"],
         min_psnr=min_psnr if min_psnr is not None else stored.get("min_psnr"), storage=storage_url,
         study=study_name, out=out, height=generation["height"], width=generation["width"],
-        guidance_scale=generation["guidance_scale"], calibration_prompts=tuple(stored["calibration_prompts"]),
+        guidance_scale=generation["guidance_scale"], call_args=dict(generation.get("call_arguments", {})),
+        calibration_prompts=tuple(stored["calibration_prompts"]),
         evaluation_prompts=tuple(stored["evaluation_prompts"]))
 
 
