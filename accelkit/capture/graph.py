@@ -292,18 +292,26 @@ def eliminate_dead_nodes(graph: fx.Graph) -> int:
 
     ``fx.Graph.eliminate_dead_code`` keeps random-seeded ops such as ``scaled_dot_product_attention``
     (tagged nondeterministic because of its dropout argument), which would keep a whole cached span
-    alive; the captured inference graphs are functional, so only mutating ops are kept here.
+    alive; the captured inference graphs are functional, so only mutating ops are kept here, and of
+    those only writes someone can observe (see :mod:`accelkit.capture.local_mutations`).
     """
+    from accelkit.capture.local_mutations import remove_dead_local_writes
+
     removed = 0
-    for node in reversed(list(graph.nodes)):
-        if node.op not in ("call_function", "call_method", "get_attr") or node.users:
-            continue
-        schema = getattr(node.target, "_schema", None)
-        if schema is not None and schema.is_mutable:
-            continue
-        graph.erase_node(node)
-        removed += 1
-    return removed
+    while True:
+        before = removed
+        for node in reversed(list(graph.nodes)):
+            if node.op not in ("call_function", "call_method", "get_attr") or node.users:
+                continue
+            schema = getattr(node.target, "_schema", None)
+            if schema is not None and schema.is_mutable:
+                continue
+            graph.erase_node(node)
+            removed += 1
+        # In-place writes into buffers the graph allocated itself die with what reads them.
+        removed += remove_dead_local_writes(graph)
+        if removed == before:
+            return removed
 
 
 _CAPTURES: weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple, DenoiserGraph]] = weakref.WeakKeyDictionary()
