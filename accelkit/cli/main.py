@@ -294,6 +294,7 @@ def _console(quiet: bool = False) -> Any:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from rich.table import Table
 
+    from accelkit.capture.cost import concrete_size
     from accelkit.loading import load_pipeline
     from accelkit.pipeline_io import parse_call_arguments, probe_and_capture
     from accelkit.search.optimize import OptimizeSettings, _generation_defaults
@@ -318,7 +319,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for name in graph.attention_sites:
         node = next(n for n in graph.module.graph.nodes if n.name == name)
         value = node.args[0].meta.get("val")
-        tokens[name] = int(value.shape[-2]) if value is not None else None
+        tokens[name] = concrete_size(value.shape[-2]) if value is not None else None
     info = {
         "model": loaded.model_id, "family": graph.family, "params": params,
         "inputs": {n: s.to_dict() for n, s in zip(graph.input_names, graph.input_specs, strict=True)},

@@ -6,6 +6,8 @@ every call and writes it through ``tensor.data``, which ``torch.export`` cannot 
 tensor in the exported program constant's list"). The table depends only on the shape, so the strategy
 builds it eagerly for the shape being captured and hands export that real tensor, which becomes a
 graph constant like any buffer.
+
+The same table holds ``max_text_seq_length`` text rows: the pipeline must pad prompts to that length.
 """
 
 from __future__ import annotations
@@ -43,6 +45,14 @@ def precomputed_position_table(denoiser: Any, kwargs: Mapping[str, Any]) -> Iter
         del embed._get_positional_embeddings  # the instance attribute; the class method shows again
 
 
+def text_length_of_the_model(pipe: Any, generation: Mapping[str, Any]) -> dict[str, Any]:
+    """The pipeline pads prompts to ``max_sequence_length`` (226); the model's position table is built for
+    ``max_text_seq_length`` text tokens, so a model configured for another length needs the pipeline told."""
+    config = getattr(getattr(pipe, "transformer", None), "config", None)
+    length = getattr(config, "max_text_seq_length", None)
+    return {"max_sequence_length": int(length)} if isinstance(length, int) and length != 226 else {}
+
+
 TRAITS = FamilyTraits(
     name="cogvideox",
     pipeline_classes=("CogVideoXPipeline", "CogVideoXImageToVideoPipeline", "CogVideoXVideoToVideoPipeline"),
@@ -50,5 +60,6 @@ TRAITS = FamilyTraits(
     timestep_scale=1.0,
     keep_16bit=("patch_embed", "time_embedding", "norm_final", "norm_out"),
     media="video",
+    call_arguments=text_length_of_the_model,
     capture_strategy=precomputed_position_table,
 )
