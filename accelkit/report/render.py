@@ -167,7 +167,8 @@ def video_strips(videos: Any, max_frames: int = STRIP_MAX_FRAMES) -> torch.Tenso
     """
     x = to_unit_video(videos)
     n, f, c, h, w = x.shape
-    picked = sorted({round(i * (f - 1) / max(max_frames - 1, 1)) for i in range(min(f, max_frames))})
+    shown = max(1, min(f, max_frames))
+    picked = sorted({round(i * (f - 1) / max(shown - 1, 1)) for i in range(shown)})
     gap = torch.ones(n, c, h, _STRIP_GAP_PX)
     parts: list[torch.Tensor] = []
     for index in picked:
