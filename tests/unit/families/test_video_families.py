@@ -134,23 +134,25 @@ def test_optimize_prune_removes_a_block(family, folders, tmp_path):
 @pytest.mark.parametrize("family", VIDEO_FAMILIES)
 def test_cache_plan_exports_to_onnx_and_runs_in_onnxruntime(family, folders, tmp_path, capsys):
     out = tmp_path / "out"
-    code = main(["optimize", str(folders(family)), "--passes", "cache", "--budget", "1.5x",
-                 *_search_args(family, out, steps=8, trials=1)])
+    # The budget's seed guesses a cached step at a fifth of a full one; on these tiny models it is 0.3-0.5
+    # (embedders weigh more), so the seed misses and the sampled trials that follow find a plan.
+    code = main(["optimize", str(folders(family)), "--passes", "cache", "--budget", "1.3x",
+                 *_search_args(family, out, steps=8, trials=6)])
     assert code == 0
-    plan = json.loads((out / "plans" / "1.5x" / "plan.json").read_text())
+    plan = json.loads((out / "plans" / "1.3x" / "plan.json").read_text())
     assert "cached" in plan["schedule"]
-    assert main(["export", str(out), "--budget", "1.5x"]) == 0
+    assert main(["export", str(out), "--budget", "1.3x"]) == 0
     frames = VIDEO_CALL[family]["num_frames"]
     strips = {}
     for backend in ("onnxruntime", "pytorch"):
         target = tmp_path / f"{backend}.png"
-        assert main(["run", str(out), "--budget", "1.5x", "--backend", backend, "--prompt", "a red circle",
+        assert main(["run", str(out), "--budget", "1.3x", "--backend", backend, "--prompt", "a red circle",
                      "--output", str(target)]) == 0
         strips[backend] = np.asarray(Image.open(target), dtype=np.int16)
     assert strips["pytorch"].shape[1] == frames * VIDEO_CALL[family]["width"]
     # onnxruntime and PyTorch agree to within rounding of a few frames' pixels.
     assert np.abs(strips["onnxruntime"] - strips["pytorch"]).max() <= 3
     gif = tmp_path / "video.gif"
-    assert main(["run", str(out), "--budget", "1.5x", "--backend", "onnxruntime", "--prompt", "a red circle",
+    assert main(["run", str(out), "--budget", "1.3x", "--backend", "onnxruntime", "--prompt", "a red circle",
                  "--output", str(gif)]) == 0
     assert Image.open(gif).n_frames == frames
