@@ -17,9 +17,9 @@ from accelkit.errors import InputError
 from accelkit.families import FamilyTraits, traits_for
 
 _DENOISER_ATTRIBUTES = ("transformer", "unet")
-# Pipeline arguments accelkit sets itself: a --call-arg naming one of these is refused.
+# Pipeline arguments accelkit sets itself (or has an option for): a --call-arg naming one is refused.
 RESERVED_CALL_ARGUMENTS = ("prompt", "num_inference_steps", "generator", "output_type", "sigmas", "timesteps",
-                           "latents", "callback_on_step_end", "return_dict")
+                           "latents", "callback_on_step_end", "return_dict", "height", "width", "guidance_scale")
 
 
 def find_denoiser(pipe: Any) -> tuple[str, torch.nn.Module]:
@@ -222,7 +222,8 @@ def parse_call_arguments(pairs: list[str] | tuple[str, ...] | None) -> dict[str,
             raise InputError(f"--call-arg '{pair}' must read KEY=VALUE with a Python identifier as KEY, "
                              "e.g. --call-arg max_sequence_length=128")
         if key in RESERVED_CALL_ARGUMENTS:
-            raise InputError(f"--call-arg {key} is set by accelkit itself; use the matching option instead")
+            option = f" (use --{key.replace('_', '-')})" if key in ("height", "width", "guidance_scale") else ""
+            raise InputError(f"--call-arg {key} is set by accelkit itself{option}; pass other pipeline arguments")
         try:
             result[key] = json.loads(raw)
         except json.JSONDecodeError:

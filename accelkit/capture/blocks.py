@@ -110,15 +110,28 @@ class BlockIndex:
         return SpanBoundary(inputs=tuple(inputs), carried=carried, outputs=tuple(outputs))
 
 
+def _qualified_name(type_info: object) -> str:
+    if isinstance(type_info, str):
+        return type_info
+    return f"{getattr(type_info, '__module__', '')}.{getattr(type_info, '__qualname__', '')}"
+
+
 def _block_of_stack(stack: dict | None) -> tuple[str, str, str] | None:
-    """(block path, group, class name) of the outermost repeated block in a module stack."""
+    """(block path, group, class name) of the outermost repeated block in a module stack.
+
+    ``torch.nn`` layers and the items of a ``Sequential`` (Z-Image's ``cap_embedder = Sequential(RMSNorm,
+    Linear)``) are layers, not blocks; blocks are items of a ``ModuleList`` (or the UNet mid block).
+    """
     if not stack:
         return None
-    for path, type_info in stack.values():
-        path = str(path)
-        class_name = type_info if isinstance(type_info, str) else getattr(type_info, "__qualname__", "")
-        class_name = str(class_name).rsplit(".", 1)[-1]
+    types = {str(path): _qualified_name(type_info) for path, type_info in stack.values()}
+    for path, qualified in types.items():
+        class_name = qualified.rsplit(".", 1)[-1]
+        if qualified.startswith("torch.nn."):
+            continue
         match = _LIST_ITEM.match(path)
+        if match and types.get(match.group(1), "").endswith(".Sequential"):
+            continue  # a layer of a Sequential (Linear, norm), not a repeated block
         if match:
             return path, match.group(1), class_name
         if path in _SINGLE_BLOCKS:

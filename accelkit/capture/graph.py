@@ -287,31 +287,73 @@ def replace_graph_signature(graph: DenoiserGraph, **changes: Any) -> DenoiserGra
     return dataclasses.replace(graph, **changes)
 
 
+def _schema(node: fx.Node) -> Any:
+    return getattr(node.target, "_schema", None) if node.op == "call_function" else None
+
+
+def _alias_root(node: fx.Node, roots: dict[fx.Node, fx.Node]) -> fx.Node:
+    """The node whose storage ``node`` views (itself unless ``node`` is a view op such as ``slice``)."""
+    schema = _schema(node)
+    if schema is not None and not schema.is_mutable and schema.returns and node.args:
+        alias = schema.returns[0].alias_info
+        if alias is not None and not alias.is_write and isinstance(node.args[0], fx.Node):
+            return roots.get(node.args[0], node.args[0])
+    return node
+
+
+def _mutated_roots(node: fx.Node, roots: dict[fx.Node, fx.Node]) -> list[fx.Node] | None:
+    """Storage roots an in-place op writes; None when they cannot be told (treated as a side effect)."""
+    schema = _schema(node)
+    written = []
+    for index, argument in enumerate(schema.arguments):
+        if argument.alias_info is None or not argument.alias_info.is_write:
+            continue
+        value = node.args[index] if index < len(node.args) else node.kwargs.get(argument.name)
+        if not isinstance(value, fx.Node):
+            return None
+        written.append(roots.get(value, value))
+    return written or None
+
+
 def eliminate_dead_nodes(graph: fx.Graph) -> int:
-    """Remove nodes whose results nobody uses; returns how many were removed.
+    """Remove nodes that do not contribute to the outputs; returns how many were removed.
 
     ``fx.Graph.eliminate_dead_code`` keeps random-seeded ops such as ``scaled_dot_product_attention``
     (tagged nondeterministic because of its dropout argument), which would keep a whole cached span
-    alive; the captured inference graphs are functional, so only mutating ops are kept here, and of
-    those only writes someone can observe (see :mod:`accelkit.capture.local_mutations`).
+    alive. Liveness is traced back from the outputs instead. An in-place op is kept when it writes a
+    graph input or weight, or storage some live node reads (through any view of it); one writing a
+    dead intermediate goes with it (CogView4 writes rotary embeddings into a slice of each attention's
+    query: kept, every cached block stayed alive).
     """
-    from accelkit.capture.local_mutations import remove_dead_local_writes
-
+    roots: dict[fx.Node, fx.Node] = {}
+    mutations: dict[fx.Node, list[fx.Node]] = {}
+    live: set[fx.Node] = set()
+    pending: list[fx.Node] = []
+    for node in graph.nodes:
+        roots[node] = _alias_root(node, roots)
+        schema = _schema(node)
+        if node.op in ("output", "placeholder") or node.op not in ("call_function", "call_method", "get_attr"):
+            pending.append(node)
+        elif schema is not None and schema.is_mutable:
+            written = _mutated_roots(node, roots)
+            if written is None or any(root.op in ("placeholder", "get_attr") for root in written):
+                pending.append(node)  # a side effect visible outside the graph
+            for root in written or ():
+                mutations.setdefault(root, []).append(node)
+    while pending:
+        node = pending.pop()
+        if node in live:
+            continue
+        live.add(node)
+        pending.extend(node.all_input_nodes)
+        # Reading a value (or a view of it) depends on every in-place write to its storage.
+        pending.extend(mutations.get(roots[node], ()))
     removed = 0
-    while True:
-        before = removed
-        for node in reversed(list(graph.nodes)):
-            if node.op not in ("call_function", "call_method", "get_attr") or node.users:
-                continue
-            schema = getattr(node.target, "_schema", None)
-            if schema is not None and schema.is_mutable:
-                continue
+    for node in reversed(list(graph.nodes)):
+        if node not in live and not node.users:
             graph.erase_node(node)
             removed += 1
-        # In-place writes into buffers the graph allocated itself die with what reads them.
-        removed += remove_dead_local_writes(graph)
-        if removed == before:
-            return removed
+    return removed
 
 
 _CAPTURES: weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple, DenoiserGraph]] = weakref.WeakKeyDictionary()

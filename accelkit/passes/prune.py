@@ -343,7 +343,7 @@ def record_calibration_inputs(
     ``steps`` pass apply) while a forward pre-hook on the pipeline's denoiser records its inputs; the
     kept calls are evenly spaced over all recorded calls, hence over timesteps and prompts.
     """
-    from accelkit.runtime.pipeline import bind_positional, find_denoiser, positional_parameter_names
+    from accelkit.pipeline_io import bind_positional, find_denoiser, positional_parameter_names
 
     _, denoiser = find_denoiser(calib.pipe)
     positional = positional_parameter_names(denoiser)

@@ -164,7 +164,7 @@ def pipeline_schedule(calib: Any, num_steps: int) -> PipelineSchedule:
     own default spacing (Flux pipelines pass ``linspace(1, 1/n, n)``, SD3 lets the scheduler choose)
     and the ``mu`` of resolution-dependent shifting.
     """
-    from accelkit.runtime.pipeline import find_denoiser
+    from accelkit.pipeline_io import find_denoiser
 
     pipe = calib.pipe
     scheduler = pipe.scheduler

@@ -149,7 +149,48 @@ def test_parse_call_arguments(pairs, expected):
     assert parse_call_arguments(pairs) == expected
 
 
-@pytest.mark.parametrize("bad", ["novalue", "=3", "two words=1", "prompt=hi", "num_inference_steps=3"])
+@pytest.mark.parametrize("bad", ["novalue", "=3", "two words=1", "prompt=hi", "num_inference_steps=3", "height=64"])
 def test_parse_call_arguments_refuses(bad):
     with pytest.raises(InputError, match="--call-arg"):
         parse_call_arguments([bad])
+
+
+class DataDependent(torch.nn.Module):
+    """Branches on a tensor value unless told to take the static path (what a capture strategy patches)."""
+
+    static_path = False
+
+    def forward(self, hidden_states, timestep):
+        if self.static_path or bool(hidden_states.sum() > 0):
+            return (hidden_states * timestep,)
+        return (hidden_states,)
+
+
+def test_capture_strategy_is_active_around_export():
+    import contextlib
+
+    from accelkit.capture import capture
+    from accelkit.errors import CaptureError
+
+    kwargs = {"hidden_states": torch.ones(1, 4), "timestep": torch.tensor([2.0])}
+    with pytest.raises(CaptureError, match="could not capture DataDependent"):
+        capture(DataDependent(), kwargs)
+    entered = []
+
+    @contextlib.contextmanager
+    def static(denoiser, call):
+        entered.append(sorted(call))
+        denoiser.static_path = True
+        try:
+            yield
+        finally:
+            denoiser.static_path = False
+
+    register(FamilyTraits(name="toy-strategy", denoiser_classes=("DataDependent",), capture_strategy=static))
+    try:
+        model = DataDependent()
+        graph = capture(model, kwargs)
+    finally:
+        unregister("toy-strategy")
+    assert entered == [["hidden_states", "timestep"]] and model.static_path is False
+    assert torch.equal(graph.module(*graph.flat_inputs(kwargs))[0], torch.full((1, 4), 2.0))

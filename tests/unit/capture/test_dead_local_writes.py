@@ -1,4 +1,4 @@
-"""Dead-code elimination through in-place writes into graph-allocated buffers (capture/local_mutations.py)."""
+"""Dead-code elimination through in-place writes into graph-allocated buffers (capture/graph.py)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,224 @@
+"""Every image family through every command, on tiny real diffusers pipelines saved to folders.
+
+Fast tier (default suite): the new capture paths (nested tensors, a call argument the family needs, lists
+of latents) and the one-line refusal of a family accelkit cannot capture. Slow tier: per family
+``inspect``, ``optimize --passes steps,cache --budget 2x`` (met, report written), ``optimize --passes
+prune``, and ``export`` + ``run --backend onnxruntime`` of a cache plan; the results are written as the
+support matrix (docs/support-matrix.md) that the README includes between its markers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from accelkit.cli.main import main
+from tests.fixtures.families import FAMILY_CALL, IMAGE_FAMILIES, build_family_pipeline, saved_family_folder
+
+ROOT = Path(__file__).resolve().parents[3]
+MATRIX_FILE = ROOT / "docs" / "support-matrix.md"
+README = ROOT / "README.md"
+MARKERS = ("<!-- support-matrix:start -->", "<!-- support-matrix:end -->")
+COMMANDS = ("inspect", "steps,cache 2x", "prune", "export onnx", "run onnxruntime")
+# Families torch.export cannot capture yet, with the one-line reason users get (exit 2).
+UNSUPPORTED = {"lumina2": "unhashable type: non-nested SymInt"}
+RESULTS: dict[str, dict[str, str]] = {}
+
+
+def _cli(*argv: str, stdout: io.StringIO | None = None) -> tuple[int, str]:
+    """Run the CLI in-process; returns (exit code, stderr); stdout goes to ``stdout``."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(stdout if stdout is not None else io.StringIO()):
+        code = main(list(argv))
+    return code, err.getvalue()
+
+
+def _generation_args(name: str) -> list[str]:
+    call = FAMILY_CALL[name]
+    args = ["--height", str(call["height"]), "--width", str(call["width"])]
+    for key, value in call["call_args"].items():
+        args += ["--call-arg", f"{key}={json.dumps(value)}"]
+    return args
+
+
+def _optimize(folder: Path, out: Path, name: str, passes: str, budget: str, trials: int = 2) -> tuple[int, str]:
+    return _cli("optimize", str(folder), "--passes", passes, "--budget", budget, "--steps", "4",
+                "--trials", str(trials), "--num-prompts", "1", "--num-eval-prompts", "1", "--out", str(out),
+                "--quiet", *_generation_args(name))
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("families")
+
+
+# ------------------------------------------------------------------------------------------------ fast tier
+@pytest.mark.parametrize("name", ["sdxl", "pixart-unbinned", "zimage", "hunyuandit"])
+def test_new_capture_paths(name):
+    """SDXL's dict, HunyuanDiT's rotary tuple, Z-Image's latent list; PixArt binning off by its trait."""
+    from accelkit.pipeline_io import generation_defaults, probe_and_capture, with_call_arguments
+
+    pipe = build_family_pipeline(name)
+    call = FAMILY_CALL[name]
+    generation = with_call_arguments(pipe, {**generation_defaults(pipe), "height": call["height"],
+                                            "width": call["width"]}, call["call_args"])
+    calls, graph = probe_and_capture(pipe, generation)
+    assert len(graph.blocks) >= 2
+    expected_input = {"sdxl": "added_cond_kwargs.text_embeds", "zimage": "x.0", "hunyuandit": "image_rotary_emb.0",
+                      "pixart-unbinned": "hidden_states"}[name]
+    assert expected_input in graph.input_names
+    if name == "pixart-unbinned":
+        assert generation["call_arguments"]["use_resolution_binning"] is False
+    # Every recorded call of the generation fits the one captured signature.
+    assert graph.flat_inputs(calls[-1])[0].shape == graph.flat_inputs(calls[0])[0].shape
+
+
+def test_guidance_default_comes_from_the_pipeline_signature():
+    from accelkit.pipeline_io import generation_defaults
+
+    assert generation_defaults(build_family_pipeline("sd3"))["guidance_scale"] == 7.0
+    assert generation_defaults(build_family_pipeline("sdxl"))["guidance_scale"] == 5.0
+
+
+@pytest.mark.parametrize("name", sorted(UNSUPPORTED))
+def test_unsupported_family_gets_one_line_and_exit_2(folders, name):
+    code, err = _cli("inspect", str(saved_family_folder(name, folders)), *_generation_args(name))
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1, err
+    assert UNSUPPORTED[name] in lines[0] and "Traceback" not in err
+
+
+def test_readme_includes_the_support_matrix():
+    table = MATRIX_FILE.read_text().strip()
+    readme = README.read_text()
+    start, end = readme.index(MARKERS[0]) + len(MARKERS[0]), readme.index(MARKERS[1])
+    assert readme[start:end].strip() == table, "README's support matrix differs from docs/support-matrix.md"
+
+
+# ------------------------------------------------------------------------------------------------ slow tier
+def _report_budget(out: Path, budget: str) -> dict:
+    report = json.loads((out / "report" / "report.json").read_text())
+    return next(b for b in report["budgets"] if b["budget"] == budget)
+
+
+class _Step:
+    """Records one command's outcome in ``status`` ("yes", or "fails: <last line>") and asserts it."""
+
+    def __init__(self, status: dict, command: str) -> None:
+        self.status, self.command = status, command
+
+    def check(self, ok: bool, err: str, passed: str = "yes") -> None:
+        last = err.strip().splitlines()[-1] if err.strip() else "no message"
+        self.status[self.command] = passed if ok else f"fails: {last.removeprefix('accelkit: error: ')[:90]}"
+        assert ok, err
+
+
+def _run_family(name: str, folder: Path, out_root: Path, status: dict) -> None:
+    """Run every command on ``folder``, filling ``status`` as it goes (a failure leaves the rest blank)."""
+    status.update(dict.fromkeys(COMMANDS, "not reached"))
+    started = time.perf_counter()
+    stdout = io.StringIO()
+    code, err = _cli("inspect", str(folder), "--json", *_generation_args(name), stdout=stdout)
+    inspect_seconds = time.perf_counter() - started
+    if code == 2 and len(err.strip().splitlines()) == 1:
+        reason = err.strip().removeprefix("accelkit: error: ")
+        status.update(dict.fromkeys(COMMANDS, f"no: {reason[:90]}"))
+        return
+    _Step(status, "inspect").check(code == 0, err)
+    info = json.loads(stdout.getvalue())
+    bench = {"inspect_seconds": round(inspect_seconds, 1), "blocks": len(info["blocks"]),
+             "block_groups": sorted({b["name"].rsplit(".", 1)[0] for b in info["blocks"]})}
+    status["bench"] = bench
+    out = out_root / f"{name}-steps-cache"
+    code, err = _optimize(folder, out, name, "steps,cache", "2x")
+    written = (out / "report" / "index.html").is_file() and (out / "plans" / "2x" / "plan.json").is_file()
+    _Step(status, "steps,cache 2x").check(code == 0 and written, err)
+    chosen = _report_budget(out, "2x")
+    bench["steps_cache_2x"] = {"psnr": chosen["fidelity"]["psnr"], "summary": chosen["plan_summary"],
+                               "fewer_steps_psnr": chosen["references"]["fewer_steps"]["psnr"]}
+    code, err = _optimize(folder, out_root / f"{name}-prune", name, "prune", "1.2x")
+    # exit 3 (budget not met) is a result of the search, not a failure of the command
+    _Step(status, "prune").check(code in (0, 3), err, "yes" if code == 0 else "runs (1.2x not met)")
+    cache_out = out_root / f"{name}-cache"
+    code, err = _optimize(folder, cache_out, name, "cache", "1.1x", trials=3)
+    plan_file = cache_out / "plans" / "1.1x" / "plan.json"
+    _Step(status, "export onnx").check(code == 0 and plan_file.is_file(), err)
+    plan = json.loads(plan_file.read_text())
+    assert "cache" in plan["passes"]
+    cached = _report_budget(cache_out, "1.1x")
+    bench["cache_1.1x"] = {"roofline_speedup": plan["cost"]["roofline_speedup"], "psnr": cached["fidelity"]["psnr"],
+                           "fewer_steps_psnr": cached["references"]["fewer_steps"]["psnr"],
+                           "summary": cached["plan_summary"]}
+    code, err = _cli("export", str(cache_out), "--budget", "1.1x")
+    _Step(status, "export onnx").check(code == 0, err)
+    image = cache_out / "run.png"
+    code, err = _cli("run", str(cache_out), "--budget", "1.1x", "--backend", "onnxruntime", "--prompt", "a red circle",
+                     "--output", str(image))
+    _Step(status, "run onnxruntime").check(code == 0 and image.is_file(), err)
+    bench["all_commands_seconds"] = round(time.perf_counter() - started)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", IMAGE_FAMILIES)
+def test_family_through_every_command(folders, tmp_path, name):
+    status = RESULTS.setdefault(name, {})
+    _run_family(name, saved_family_folder(name, folders), tmp_path, status)
+    if name in UNSUPPORTED:
+        assert UNSUPPORTED[name] in status["inspect"]
+    else:
+        assert all(status[c] in ("yes", "runs (1.2x not met)") for c in COMMANDS), status
+
+
+def render_matrix(results: dict[str, dict[str, str]]) -> str:
+    lines = ["| family | " + " | ".join(COMMANDS) + " |", "|---" * (len(COMMANDS) + 1) + "|"]
+    for name in IMAGE_FAMILIES:
+        row = results[name]
+        lines.append(f"| {name} | " + " | ".join(row[c] for c in COMMANDS) + " |")
+    return "\n".join(lines)
+
+
+@pytest.mark.slow
+def test_write_support_matrix():
+    """After the per-family runs: the matrix file must match them (ACCELKIT_UPDATE_MATRIX=1 rewrites it)."""
+    if set(RESULTS) != set(IMAGE_FAMILIES):
+        pytest.skip("runs only after every family ran in this session")
+    table = render_matrix(RESULTS)
+    bench_file = os.environ.get("ACCELKIT_FAMILY_BENCH")
+    if bench_file:  # measurements for BENCHMARKS.md
+        Path(bench_file).write_text(json.dumps(RESULTS, indent=2))
+    if os.environ.get("ACCELKIT_UPDATE_MATRIX") == "1":
+        MATRIX_FILE.parent.mkdir(exist_ok=True)
+        MATRIX_FILE.write_text(table + "\n")
+        readme = README.read_text()
+        start, end = readme.index(MARKERS[0]) + len(MARKERS[0]), readme.index(MARKERS[1])
+        README.write_text(readme[:start] + "\n" + table + "\n" + readme[end:])
+    assert MATRIX_FILE.read_text().strip() == table
+
+
+def render_benchmarks(results: dict[str, dict]) -> str:
+    """BENCHMARKS.md section: one CPU table per family from a slow-tier run's results (ACCELKIT_FAMILY_BENCH)."""
+    parts = []
+    for name in IMAGE_FAMILIES:
+        row = results.get(name, {})
+        bench = row.get("bench")
+        parts.append(f"### {name}\n")
+        if not bench or "cache_1.1x" not in bench:
+            parts.append(f"Not measured: {row.get('inspect', 'not run')}.\n")
+            continue
+        cache, both = bench["cache_1.1x"], bench["steps_cache_2x"]
+        parts.append("| measure | value |\n|---|---|")
+        parts.append(f"| inspect wall time (load, 2-step probe, capture) | {bench['inspect_seconds']:.1f} s |")
+        parts.append(f"| blocks | {bench['blocks']} ({', '.join(bench['block_groups'])}) |")
+        parts.append(f"| cache plan (`--passes cache`, 3 trials): roofline speedup | {cache['roofline_speedup']:.2f}x |")
+        parts.append(f"| cache plan: PSNR vs baseline / fewer steps at that speedup | "
+                     f"{cache['psnr']:.1f} / {cache['fewer_steps_psnr']:.1f} dB |")
+        parts.append(f"| `steps,cache` at 2x: PSNR vs baseline / fewer steps (2 of 4) | "
+                     f"{both['psnr']:.1f} / {both['fewer_steps_psnr']:.1f} dB ({both['summary']}) |")
+        parts.append(f"| all commands (inspect, 3 optimize runs, export, run) | {bench['all_commands_seconds']} s |\n")
+    return "\n".join(parts)
