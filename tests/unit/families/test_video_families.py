@@ -1,4 +1,4 @@
-"""Every command on tiny random-weight video pipelines (Wan, LTX-Video, HunyuanVideo, CogVideoX, Mochi).
+"""Every command on tiny random-weight video pipelines: Wan 2.1/2.2, LTX-Video, HunyuanVideo, CogVideoX, Mochi.
 
 Each family is its real diffusers pipeline class, saved with ``save_pretrained`` and loaded by the CLI as a
 user's folder would be. ``inspect`` runs in the default suite; the optimize/export/run matrix is ``slow``.
@@ -24,6 +24,7 @@ from tests.fixtures.video_families import (
 
 _DENOISERS = {
     "wan": "WanTransformer3DModel",
+    "wan22": "WanTransformer3DModel",
     "ltx": "LTXVideoTransformer3DModel",
     "hunyuan_video": "HunyuanVideoTransformer3DModel",
     "cogvideox": "CogVideoXTransformer3DModel",
@@ -46,7 +47,8 @@ def folders(tmp_path_factory):
 
 def _generation_args(family: str) -> list[str]:
     call = VIDEO_CALL[family]
-    args = ["--height", str(call["height"]), "--width", str(call["width"]), "--num-frames", str(call["num_frames"])]
+    args = ["--height", str(call["height"]), "--width", str(call["width"]),
+            "--num-frames", str(call["num_frames"])]
     for key, value in call["call_args"].items():
         args += ["--call-arg", f"{key}={json.dumps(value)}"]
     return args
