@@ -130,11 +130,17 @@ def load_pipeline(model: str | None = None, *, device: str = "cpu", dtype: torch
 
 
 def _quiet_libraries() -> None:
-    """Silence diffusers' loading chatter (progress bars, the 'install accelerate' hint)."""
+    """Silence diffusers' and transformers' loading chatter (progress bars, the 'install accelerate' hint).
+
+    transformers 5 draws a "Loading weights" bar on stderr for every text encoder, which would sit in front
+    of accelkit's one-line error messages.
+    """
     from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
 
     diffusers_logging.set_verbosity_error()
     diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
 
 
 def weights_fingerprint(module: torch.nn.Module) -> str:

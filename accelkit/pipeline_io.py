@@ -84,11 +84,19 @@ def _detach(value: Any) -> Any:
     return value
 
 
-def record_denoiser_calls(pipe: Any, **call_kwargs: Any) -> list[dict[str, Any]]:
+class _EnoughCalls(Exception):
+    """Raised by the recording hook once it has what was asked for; ends the pipeline call early."""
+
+
+def record_denoiser_calls(pipe: Any, *, max_calls: int | None = None, **call_kwargs: Any) -> list[dict[str, Any]]:
     """Run the pipeline once and return the keyword arguments of every denoiser call, in order.
 
     Args:
         pipe: the pipeline.
+        max_calls: stop the generation before the denoiser runs call ``max_calls + 1`` (None: run to the
+            end). With 1 the denoiser never runs: a capture needs only the first call's arguments, and a
+            video pipeline at its default size (HunyuanVideo: 129 frames at 720x1280) would otherwise
+            spend minutes of CPU on steps whose results nobody reads.
         **call_kwargs: arguments of the pipeline call (prompt, num_inference_steps, ...).
 
     Raises:
@@ -102,11 +110,15 @@ def record_denoiser_calls(pipe: Any, **call_kwargs: Any) -> list[dict[str, Any]]
     def hook(module, args, kwargs):
         # PixArt passes the latent positionally: record it under its parameter name.
         calls.append(_detach(bind_positional(positional, args, dict(kwargs))))
+        if max_calls is not None and len(calls) >= max_calls:
+            raise _EnoughCalls
 
     handle = denoiser.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         with torch.no_grad():
             pipe(**call_kwargs)
+    except _EnoughCalls:
+        pass
     except (ValueError, TypeError) as error:
         # The pipeline's own argument checks ("Invalid sample size", "height must be divisible by 16").
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -145,7 +157,8 @@ def generation_defaults(pipe: Any) -> dict[str, Any]:
     """Resolution and guidance a pipeline generates with when the user gives none.
 
     The resolution is the denoiser's ``sample_size`` times the VAE scale factor (512 when unknown); the
-    guidance scale is the family's, else the default of the pipeline's own ``__call__`` signature.
+    guidance scale is the family's, else the default of the pipeline's own ``__call__`` signature. Video
+    pipelines (those taking ``num_frames``) add ``num_frames``; see :func:`video_generation_defaults`.
     """
     traits = family_of(pipe)
     try:
@@ -161,7 +174,36 @@ def generation_defaults(pipe: Any) -> dict[str, Any]:
     if guidance is None:
         signature_default = call_signature_defaults(pipe).get("guidance_scale")
         guidance = float(signature_default) if isinstance(signature_default, int | float) else None
-    return {"height": size, "width": size, "guidance_scale": guidance}
+    defaults = {"height": size, "width": size, "guidance_scale": guidance}
+    if accepts_argument(pipe, "num_frames"):
+        defaults.update(video_generation_defaults(pipe, config))
+    return defaults
+
+
+def video_generation_defaults(pipe: Any, config: Any) -> dict[str, Any]:
+    """Frame count and resolution a video pipeline generates with by default.
+
+    The pipeline's own ``__call__`` defaults (Wan: 81 frames at 480x832) where it names them; where it
+    leaves them to the model (``None``: CogVideoX, Mochi), the pipeline's ``default_height``/
+    ``default_width`` or the denoiser's ``sample_height``/``sample_width``/``sample_frames`` config.
+    """
+    signature = call_signature_defaults(pipe)
+    spatial = getattr(pipe, "vae_scale_factor_spatial", None) or getattr(pipe, "vae_scale_factor", 8)
+    defaults: dict[str, Any] = {}
+    for key in ("height", "width"):
+        value = signature.get(key)
+        if not isinstance(value, int):
+            value = getattr(pipe, f"default_{key}", None)
+        if not isinstance(value, int) and isinstance(getattr(config, f"sample_{key}", None), int):
+            value = int(getattr(config, f"sample_{key}")) * int(spatial)
+        if isinstance(value, int):
+            defaults[key] = value
+    frames = signature.get("num_frames")
+    if not isinstance(frames, int):
+        frames = getattr(config, "sample_frames", None)
+    if isinstance(frames, int):
+        defaults["num_frames"] = frames
+    return defaults
 
 
 def parse_call_arguments(pairs: list[str] | tuple[str, ...] | None) -> dict[str, Any]:
@@ -226,7 +268,7 @@ def generation_call_kwargs(generation: Mapping[str, Any]) -> dict[str, Any]:
 
 def probe_and_capture(pipe: Any, generation: Mapping[str, Any], *, prompt: str = "a photo"
                       ) -> tuple[list[dict[str, Any]], Any]:
-    """Run a 2-step latent generation, record the denoiser calls and capture the first.
+    """Record the first denoiser call of a 2-step latent generation (the denoiser does not run) and capture it.
 
     Args:
         pipe: the pipeline.
@@ -236,7 +278,7 @@ def probe_and_capture(pipe: Any, generation: Mapping[str, Any], *, prompt: str =
         prompt: the probe prompt.
 
     Returns:
-        ``(calls, graph)``: the recorded keyword arguments per denoiser call and the
+        ``(calls, graph)``: the recorded keyword arguments of the first denoiser call (a one-item list) and the
         :class:`~accelkit.capture.graph.DenoiserGraph` of the first call.
     """
     from accelkit.capture import capture
@@ -244,6 +286,6 @@ def probe_and_capture(pipe: Any, generation: Mapping[str, Any], *, prompt: str =
     if "call_arguments" not in generation:
         generation = with_call_arguments(pipe, generation)
     kwargs = generation_call_kwargs(generation)
-    calls = record_denoiser_calls(pipe, prompt=prompt, num_inference_steps=2,
+    calls = record_denoiser_calls(pipe, max_calls=1, prompt=prompt, num_inference_steps=2,
                                   generator=torch.Generator("cpu").manual_seed(0), output_type="latent", **kwargs)
     return calls, capture(find_denoiser(pipe)[1], calls[0])

@@ -28,7 +28,8 @@ class Generation:
     """Outputs of running a program on prompts.
 
     Args:
-        images: float tensor (N, 3, H, W) in [0, 1], one image per prompt.
+        images: float tensor (N, 3, H, W) in [0, 1], one image per prompt; for a video pipeline
+            (N, F, 3, H, W), one video of F frames per prompt.
         state_logs: per prompt, the executor's ``(step, branch, {state: tensor})`` records (when asked).
         variant_calls: how many times each variant ran in total.
     """
@@ -36,6 +37,30 @@ class Generation:
     images: torch.Tensor
     state_logs: list[list[tuple[int, int, dict[str, torch.Tensor]]]] = field(default_factory=list)
     variant_calls: dict[str, int] = field(default_factory=dict)
+
+
+def output_media(output: Any) -> torch.Tensor:
+    """A pipeline output as float CPU tensors in [0, 1]: images (B, C, H, W) or videos (B, F, C, H, W).
+
+    Image pipelines return ``.images``; video pipelines return ``.frames``, which with ``output_type="pt"``
+    is (B, F, C, H, W) (channels-last arrays (B, F, H, W, C) are turned around too).
+    """
+    if hasattr(output, "frames"):
+        frames = torch.as_tensor(output.frames)
+        if frames.ndim == 4:  # one video without its batch dimension
+            frames = frames.unsqueeze(0)
+        if frames.ndim != 5:
+            raise ValueError(f"video output has shape {tuple(frames.shape)}; expected (B, F, C, H, W)")
+        if frames.shape[-1] in (1, 3) and frames.shape[2] not in (1, 3):
+            frames = frames.permute(0, 1, 4, 2, 3)
+        return frames.float().clamp(0, 1).cpu()
+    image = output.images if hasattr(output, "images") else output[0]
+    image = torch.as_tensor(image)
+    if image.ndim == 3:
+        image = image.unsqueeze(0)
+    if image.shape[-1] == 3 and image.shape[1] != 3:
+        image = image.permute(0, 3, 1, 2)
+    return image.float().clamp(0, 1).cpu()
 
 
 @dataclass
@@ -49,6 +74,8 @@ class Calibrator:
         width: image width.
         guidance_scale: classifier-free guidance scale.
         seed: seed of prompt i is ``seed + i``.
+        num_frames: frames per video for a video pipeline; None for image pipelines (or the
+            pipeline's default).
         weights_hash: fingerprint of the denoiser weights (cache key).
         cache_dir: where cached measurements are stored; None keeps them in memory only.
         extra_call_kwargs: any other pipeline arguments.
@@ -60,6 +87,7 @@ class Calibrator:
     width: int
     guidance_scale: float
     seed: int = 0
+    num_frames: int | None = None
     weights_hash: str = ""
     cache_dir: Path | None = None
     extra_call_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -75,6 +103,8 @@ class Calibrator:
             generator=torch.Generator("cpu").manual_seed(self.seed + index),
             output_type="pt",
         )
+        if self.num_frames is not None:
+            kwargs["num_frames"] = self.num_frames
         return kwargs
 
     def generate(
@@ -98,13 +128,7 @@ class Calibrator:
                 if record_states:
                     accelerated.executor.state_log = []
                 output = accelerated(**self.call_kwargs(prompt, seed_offset + index))
-                image = output.images if hasattr(output, "images") else output[0]
-                image = torch.as_tensor(image)
-                if image.ndim == 3:
-                    image = image.unsqueeze(0)
-                if image.shape[-1] == 3 and image.shape[1] != 3:
-                    image = image.permute(0, 3, 1, 2)
-                images.append(image.float().clamp(0, 1).cpu())
+                images.append(output_media(output))
                 if record_states:
                     logs.append(accelerated.executor.state_log or [])
                     accelerated.executor.state_log = None
@@ -124,7 +148,7 @@ class Calibrator:
             "scheduler_config": {k: repr(v) for k, v in dict(getattr(scheduler, "config", {})).items()},
             "steps": program.num_steps,
             "sigmas": program.sigmas,
-            "resolution": [self.height, self.width],
+            "resolution": [self.height, self.width, *([self.num_frames] if self.num_frames is not None else [])],
             "guidance": self.guidance_scale,
             "prompts": list(self.prompts),
             "seed": self.seed,

@@ -35,7 +35,7 @@ class NodeCost:
 
 def _tensor_bytes(value) -> float:
     if isinstance(value, torch.Tensor):
-        return float(value.numel() * value.element_size())
+        return float(math.prod(concrete_size(s) for s in value.shape) * value.element_size())
     if isinstance(value, list | tuple):
         return float(sum(_tensor_bytes(v) for v in value))
     return 0.0
@@ -47,9 +47,29 @@ def _val(node) -> object:
     return None
 
 
+def concrete_size(size) -> int:
+    """An int for one dimension, also when it is symbolic.
+
+    A data-dependent size (an unbacked symbol, e.g. the length of ``nonzero``'s result, which Mochi uses
+    to drop padded text tokens) has no value at capture time; its upper bound from the shape
+    environment is used instead, so the count is an estimate from above (0 when unbounded).
+    """
+    if isinstance(size, int):
+        return size
+    node = getattr(size, "node", None)
+    hint = getattr(node, "hint", None)
+    if hint is not None:
+        return int(hint)
+    try:
+        upper = node.shape_env.bound_sympy(node.expr).upper
+        return int(upper) if upper.is_finite else 0
+    except (AttributeError, TypeError, ValueError):
+        return 0
+
+
 def _shape(node) -> tuple[int, ...] | None:
     value = _val(node)
-    return tuple(int(s) for s in value.shape) if isinstance(value, torch.Tensor) else None
+    return tuple(concrete_size(s) for s in value.shape) if isinstance(value, torch.Tensor) else None
 
 
 def get_attr_value(module: torch.nn.Module, target: str):

@@ -27,13 +27,13 @@ _PASS_THROUGH = {
     aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten.clamp.default, aten.clip.default,
     aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.unsqueeze.default,
     aten.permute.default, aten.transpose.int, aten.flatten.using_ints, aten.unflatten.int,
-    aten.lift_fresh_copy.default,
+    aten.lift_fresh_copy.default, aten.type_as.default,  # Wan: (x.float() + y * gate).type_as(x)
 }
 # Ops whose region-free views keep element positions (a slice region can be carried through them).
 _SAME_LAYOUT = {
     aten.clone.default, aten.contiguous.default, aten.alias.default, aten.detach.default,
     aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten.clamp.default,
-    aten.clip.default, aten.lift_fresh_copy.default,
+    aten.clip.default, aten.lift_fresh_copy.default, aten.type_as.default,
 }
 
 

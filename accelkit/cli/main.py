@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true", help="print JSON instead of tables")
     inspect.add_argument("--height", type=int, help="image height to capture at (default: the model's)")
     inspect.add_argument("--width", type=int, help="image width to capture at (default: the model's)")
+    inspect.add_argument("--num-frames", type=int,
+                         help="frames to capture at, for video pipelines (default: the pipeline's)")
     _add_call_arg(inspect)
 
     optimize = commands.add_parser(
@@ -148,7 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--model", default=None, help="model to load (default: the one the plan names)")
     run.add_argument("--prompt", action="append", required=True, help="prompt; repeat for several")
     run.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
-    run.add_argument("--output", default="accelkit-run.png", help="image file (PNG); several prompts get -N suffixes")
+    run.add_argument("--output", default="accelkit-run.png",
+                     help="image file (PNG); several prompts get -N suffixes. Videos: .png writes the frames "
+                          "side by side, .gif an animation")
+    run.add_argument("--num-frames", type=int, default=None,
+                     help="frames per video, for video plans (default and only valid value: the plan's)")
     run.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     run.add_argument("--backend", default="pytorch", choices=["pytorch", "onnxruntime", "tensorrt"],
                      help="run the denoiser in PyTorch (default), from the plan's ONNX export, or from its "
@@ -252,6 +258,8 @@ def _add_search_options(parser: argparse.ArgumentParser, *, worker: bool = False
     parser.add_argument("--height", type=int, default=None, help="image height (default: the model's)")
     parser.add_argument("--width", type=int, default=None, help="image width (default: the model's)")
     parser.add_argument("--guidance-scale", type=float, default=None, help="CFG scale (default: the model's)")
+    parser.add_argument("--num-frames", type=int, default=None,
+                        help="frames per video, for video pipelines (default: the pipeline's)")
     _add_call_arg(parser)
     parser.add_argument("--heartbeat", type=int, default=10,
                         help="seconds between heartbeats of a running trial (default: 10)")
@@ -279,8 +287,8 @@ def _settings_from_args(args: argparse.Namespace) -> Any:
         eval_prompts_file=args.eval_prompts, seed=args.seed, device=args.device, cost=args.cost,
         cost_target=args.cost_target, min_psnr=args.min_psnr, storage=args.storage, study=args.study,
         out=args.out, height=args.height, width=args.width, guidance_scale=args.guidance_scale,
-        call_args=parse_call_arguments(args.call_arg), heartbeat=args.heartbeat, grace_period=args.grace_period,
-        overwrite=getattr(args, "overwrite", False))
+        call_args=parse_call_arguments(args.call_arg), num_frames=args.num_frames, heartbeat=args.heartbeat,
+        grace_period=args.grace_period, overwrite=getattr(args, "overwrite", False))
 
 
 def _version() -> str:
@@ -298,6 +306,7 @@ def _console(quiet: bool = False) -> Any:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from rich.table import Table
 
+    from accelkit.capture.cost import concrete_size
     from accelkit.loading import load_pipeline
     from accelkit.pipeline_io import parse_call_arguments, probe_and_capture
     from accelkit.search.optimize import OptimizeSettings, _generation_defaults
@@ -305,7 +314,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     call_args = parse_call_arguments(args.call_arg)
     loaded = load_pipeline(args.model)
     generation = _generation_defaults(loaded.pipe, OptimizeSettings(model=args.model, height=args.height,
-                                                                    width=args.width, call_args=call_args),
+                                                                    width=args.width, call_args=call_args,
+                                                                    num_frames=args.num_frames),
                                       loaded.source)
     _, graph = probe_and_capture(loaded.pipe, generation)
     total = graph.total_flops() or 1.0
@@ -321,7 +331,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for name in graph.attention_sites:
         node = next(n for n in graph.module.graph.nodes if n.name == name)
         value = node.args[0].meta.get("val")
-        tokens[name] = int(value.shape[-2]) if value is not None else None
+        tokens[name] = concrete_size(value.shape[-2]) if value is not None else None
     info = {
         "model": loaded.model_id, "family": graph.family, "params": params,
         "inputs": {n: s.to_dict() for n, s in zip(graph.input_names, graph.input_specs, strict=True)},
@@ -440,7 +450,6 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    import numpy as np
     import torch
 
     from accelkit.errors import InputError
@@ -454,6 +463,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         require_tensorrt()
     call_args = parse_call_arguments(args.call_arg)
     plan = read_plan(args.out, args.budget)
+    output = Path(args.output)
+    video = "num_frames" in plan.data["generation"]
+    if output.suffix.lower() not in ((".png", ".gif") if video else (".png",)):
+        raise InputError(f"--output '{output}' must end in .png" + (" or .gif" if video else ""))
     model = args.model or plan.data["model"]["id"]
     loaded = load_pipeline(model, device=args.device)
     call_args = pipeline_call_arguments(loaded.pipe, plan.data["generation"], call_args) if call_args else {}
@@ -464,38 +477,54 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         accelerated = load(args.out, loaded.pipe, plan.budget)
     accelerated.strict_steps = args.strict_steps
-    output = Path(args.output)
-    if output.suffix.lower() != ".png":
-        raise InputError(f"--output '{output}' must end in .png")
     if args.num_images < 1 or (args.steps is not None and args.steps < 1):
         raise InputError("--num-images and --steps must be at least 1")
+    if args.num_frames is not None:
+        call_args["num_frames"] = args.num_frames
     call = {"num_inference_steps": args.steps, "num_images_per_prompt": args.num_images, **call_args}
     if args.check:
         value = accelerated.check(args.prompt[0], seed=args.seed, **call)
         print(f"check: PSNR {value:.2f} dB against the original pipeline")
     written = []
+    count = len(args.prompt) * args.num_images
     for index, prompt in enumerate(args.prompt):
         result = accelerated(prompt=prompt, generator=torch.Generator("cpu").manual_seed(args.seed + index),
                              output_type="np", **call)
-        for number, array in enumerate(np.asarray(result.images)):
-            written.append(_write_png(array, output, index * args.num_images + number,
-                                      len(args.prompt) * args.num_images))
+        for number, frames in enumerate(_output_media(result)):
+            position = index * args.num_images + number
+            target = output if count == 1 else output.with_name(f"{output.stem}-{position}{output.suffix}")
+            _save_frames(frames, target)
+            written.append(str(target))
     print("\n".join(written))
     return 0
 
 
-def _write_png(array, output, index: int, count: int) -> str:
-    """Write one image in [0, 1] atomically; several images get -N suffixes."""
+def _output_media(result: Any) -> list[list[Any]]:
+    """Each output of a pipeline call as uint8 (H, W, C) frames: one frame per image, a video's frames."""
+    import numpy as np
+
+    batch = result.frames if hasattr(result, "frames") else result.images
+    media = []
+    for item in batch:
+        array = np.asarray(item, dtype=np.float32)
+        frames = list(array) if array.ndim == 4 else [array]
+        media.append([(np.clip(f, 0, 1) * 255).round().astype(np.uint8) for f in frames])
+    return media
+
+
+def _save_frames(frames: list[Any], target: Any) -> None:
+    """Write frames atomically: ``.gif`` as an animation, ``.png`` side by side (one frame: the image)."""
     import numpy as np
     from PIL import Image
 
-    image = Image.fromarray((np.clip(array, 0, 1) * 255).round().astype(np.uint8))
-    target = output if count == 1 else output.with_name(f"{output.stem}-{index}{output.suffix}")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp")
-    image.save(tmp, format="PNG")
+    if target.suffix.lower() == ".gif":
+        images = [Image.fromarray(f) for f in frames]
+        images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=125, loop=0)
+    else:
+        Image.fromarray(np.concatenate(frames, axis=1)).save(tmp, format="PNG")
     tmp.replace(target)
-    return str(target)
 
 
 def cmd_export(args: argparse.Namespace) -> int:

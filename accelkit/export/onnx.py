@@ -193,10 +193,40 @@ def _prepare_module(module: fx.GraphModule) -> fx.GraphModule:
         else:
             node.target = torch.ops.aten.squeeze.dims
             node.args = (source, keep)
+    changed = _bool_masked_fill_as_logic(graph) or changed
     if changed:
         graph.lint()
         clone.recompile()
     return clone
+
+
+def _bool_masked_fill_as_logic(graph: fx.Graph) -> bool:
+    """Rewrite ``masked_fill`` of a bool tensor with a constant as ``and``/``or``; True when any changed.
+
+    It lowers to ONNX ``Where`` on bool operands, which onnxruntime's CPU provider does not implement
+    (HunyuanVideo clears its text-padding mask with ``mask.masked_fill(pad, False)``).
+    """
+    aten = torch.ops.aten
+    changed = False
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not aten.masked_fill.Scalar:
+            continue
+        tensor, mask, fill = node.args[:3]
+        value = tensor.meta.get("val") if isinstance(tensor, fx.Node) else None
+        if not isinstance(value, torch.Tensor) or value.dtype != torch.bool or not isinstance(fill, bool | int):
+            continue
+        with graph.inserting_before(node):
+            if fill:
+                replacement = graph.call_function(aten.logical_or.default, (tensor, mask))
+            else:
+                keep = graph.call_function(aten.logical_not.default, (mask,))
+                keep.meta = dict(mask.meta)
+                replacement = graph.call_function(aten.logical_and.default, (tensor, keep))
+        replacement.meta = dict(node.meta)
+        node.replace_all_uses_with(replacement)
+        graph.erase_node(node)
+        changed = True
+    return changed
 
 
 # ---------------------------------------------------------------- export of one variant

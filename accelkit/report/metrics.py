@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -275,16 +276,20 @@ def fidelity(accelerated: Any, baseline: Any) -> dict[str, Any]:
 
     The mean PSNR caps each image's PSNR at :data:`PSNR_CAP_DB` (100 dB) first, because identical
     images give +inf and one of them would otherwise make the mean infinite. Per-image PSNR values
-    are capped the same way so that the result is valid JSON.
+    are capped the same way so that the result is valid JSON. Videos (5-D batches) go to
+    :func:`video_fidelity`.
 
     Args:
-        accelerated: accelerated outputs (anything :func:`to_unit_float` accepts).
+        accelerated: accelerated outputs (anything :func:`to_unit_float` accepts, or videos
+            ``(N, F, C, H, W)``).
         baseline: baseline outputs of the same prompts and seeds, same shape.
 
     Returns:
         ``{"psnr": float, "ssim": float, "lpips": float | None, "lpips_reason": str,
         "per_image": {"psnr": [...], "ssim": [...], "lpips": [...] | None}}``.
     """
+    if is_video_batch(accelerated) or is_video_batch(baseline):
+        return video_fidelity(accelerated, baseline)
     p = [cap_psnr(v) for v in psnr(accelerated, baseline).tolist()]
     s = ssim(accelerated, baseline).tolist()
     lp, reason = lpips(accelerated, baseline)
@@ -295,4 +300,91 @@ def fidelity(accelerated: Any, baseline: Any) -> dict[str, Any]:
         "lpips": None if lp_list is None else float(np.mean(lp_list)),
         "lpips_reason": reason,
         "per_image": {"psnr": p, "ssim": s, "lpips": lp_list},
+    }
+
+
+def is_video_batch(value: Any) -> bool:
+    """Whether ``value`` is a batch of videos: a 5-D tensor or array ``(N, F, ...)``."""
+    return isinstance(value, torch.Tensor | np.ndarray) and value.ndim == 5
+
+
+def to_unit_video(videos: Any) -> torch.Tensor:
+    """Convert a batch of videos to float32 ``(N, F, C, H, W)`` in ``[0, 1]``.
+
+    Accepted: a tensor ``(N, F, C, H, W)`` (diffusers' ``output_type="pt"``) or an array
+    ``(N, F, H, W, C)`` (``output_type="np"``); ``uint8`` is divided by 255 before anything else.
+
+    Args:
+        videos: the videos.
+    """
+    if isinstance(videos, np.ndarray):
+        if videos.ndim != 5:
+            raise InputError(f"video array must be (N, F, H, W, C), got shape {videos.shape}")
+        n, f = videos.shape[:2]
+        frames = to_unit_float(videos.reshape(n * f, *videos.shape[2:]))
+    elif isinstance(videos, torch.Tensor):
+        if videos.ndim != 5:
+            raise InputError(f"video tensor must be (N, F, C, H, W), got shape {tuple(videos.shape)}")
+        n, f = videos.shape[:2]
+        frames = to_unit_float(videos.reshape(n * f, *videos.shape[2:]))
+    else:
+        raise InputError(f"cannot interpret {type(videos).__name__} as videos")
+    return frames.reshape(n, f, *frames.shape[1:])
+
+
+def temporal_psnr(a: Any, b: Any) -> torch.Tensor:
+    """PSNR of the frame differences per video, in dB (float64): how well motion is kept.
+
+    ``x[:, 1:] - x[:, :-1]`` of both videos compared like images (peak 1.0): a cached or pruned model
+    that gets every frame roughly right but flickers between them scores low here while the
+    per-frame PSNR stays high. Single-frame videos have no motion and give ``+inf``.
+
+    Args:
+        a: first batch of videos (anything :func:`to_unit_video` accepts).
+        b: second batch, same shape.
+
+    Returns:
+        A float64 tensor ``(N,)``.
+    """
+    x, y = to_unit_video(a).to(torch.float64), to_unit_video(b).to(torch.float64)
+    if x.shape != y.shape:
+        raise InputError(f"video batches differ in shape: {tuple(x.shape)} vs {tuple(y.shape)}")
+    if x.shape[1] < 2:
+        return torch.full((x.shape[0],), math.inf, dtype=torch.float64)
+    dx, dy = x[:, 1:] - x[:, :-1], y[:, 1:] - y[:, :-1]
+    mse = (dx - dy).pow(2).flatten(1).mean(dim=1)
+    return 10.0 * torch.log10(1.0 / mse)
+
+
+def video_fidelity(accelerated: Any, baseline: Any) -> dict[str, Any]:
+    """:func:`fidelity` for videos ``(N, F, C, H, W)``: every frame counts.
+
+    PSNR and SSIM (and LPIPS when available) are computed per frame, frame PSNRs capped at
+    :data:`PSNR_CAP_DB`, and averaged per video; the headline numbers average the videos. The
+    temporal-consistency figure :func:`temporal_psnr` (capped the same way) is added.
+
+    Returns:
+        :func:`fidelity`'s keys (``per_image`` holds one value per video) plus ``"temporal_psnr"``,
+        ``"frames"`` and ``per_image["temporal_psnr"]``.
+    """
+    x, y = to_unit_video(accelerated), to_unit_video(baseline)
+    if x.shape != y.shape:
+        raise InputError(f"video batches differ in shape: {tuple(x.shape)} vs {tuple(y.shape)}")
+    n, f = x.shape[:2]
+    flat_x, flat_y = x.reshape(n * f, *x.shape[2:]), y.reshape(n * f, *y.shape[2:])
+    frame_psnr = psnr(flat_x, flat_y).clamp(max=PSNR_CAP_DB).reshape(n, f)
+    frame_ssim = ssim(flat_x, flat_y).reshape(n, f)
+    lp, reason = lpips(flat_x, flat_y)
+    lp_list = None if lp is None else lp.reshape(n, f).mean(dim=1).tolist()
+    p = frame_psnr.mean(dim=1).tolist()
+    s = frame_ssim.mean(dim=1).tolist()
+    t = [cap_psnr(v) for v in temporal_psnr(x, y).tolist()]
+    return {
+        "psnr": float(np.mean(p)),
+        "ssim": float(np.mean(s)),
+        "lpips": None if lp_list is None else float(np.mean(lp_list)),
+        "lpips_reason": reason,
+        "temporal_psnr": float(np.mean(t)),
+        "frames": int(f),
+        "per_image": {"psnr": p, "ssim": s, "lpips": lp_list, "temporal_psnr": t},
     }

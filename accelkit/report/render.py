@@ -29,7 +29,7 @@ import torch
 
 from accelkit._io import atomic_directory, atomic_write_text
 from accelkit.errors import InputError
-from accelkit.report.metrics import PSNR_CAP_DB, to_unit_float
+from accelkit.report.metrics import PSNR_CAP_DB, is_video_batch, to_unit_float, to_unit_video
 from accelkit.report.schema import BudgetReport, ReportData
 
 #: Small images are upscaled (nearest neighbour, integer factor) until their short side reaches this.
@@ -150,14 +150,47 @@ def _heatmaps(a: torch.Tensor, b: torch.Tensor) -> tuple[list[Any], float]:
     return maps, scale
 
 
+#: A video's frame strip in the report shows at most this many frames, evenly spaced, first and last included.
+STRIP_MAX_FRAMES = 8
+_STRIP_GAP_PX = 2
+
+
+def video_strips(videos: Any, max_frames: int = STRIP_MAX_FRAMES) -> torch.Tensor:
+    """One frame strip per video: ``(N, F, C, H, W)`` -> ``(N, C, H, k*W + gaps)`` images, k <= max_frames.
+
+    Frames sit side by side in time order with a white 2-pixel gap; long videos show ``max_frames``
+    evenly spaced frames (the fidelity numbers always cover every frame).
+
+    Args:
+        videos: a batch of videos (anything :func:`~accelkit.report.metrics.to_unit_video` accepts).
+        max_frames: most frames per strip.
+    """
+    x = to_unit_video(videos)
+    n, f, c, h, w = x.shape
+    shown = max(1, min(f, max_frames))
+    picked = sorted({round(i * (f - 1) / max(shown - 1, 1)) for i in range(shown)})
+    gap = torch.ones(n, c, h, _STRIP_GAP_PX)
+    parts: list[torch.Tensor] = []
+    for index in picked:
+        if parts:
+            parts.append(gap)
+        parts.append(x[:, index])
+    return torch.cat(parts, dim=3)
+
+
+def _report_images(images: Any) -> torch.Tensor:
+    """Images as ``(N, C, H, W)``; videos become their frame strips so every grid cell is one prompt."""
+    return video_strips(images) if is_video_batch(images) else to_unit_float(images)
+
+
 def _write_budget_images(
     root: Path, k: int, budget: BudgetReport
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Write one budget's PNGs; return JSON paths and, per image, what the HTML grid shows."""
     if budget.baseline_images is None or budget.accelerated_images is None:
         return {}, []
-    base = to_unit_float(budget.baseline_images)
-    acc = to_unit_float(budget.accelerated_images)
+    base = _report_images(budget.baseline_images)
+    acc = _report_images(budget.accelerated_images)
     if base.shape != acc.shape:
         raise InputError(
             f"budget {budget.budget!r}: baseline images {tuple(base.shape)} and accelerated images "
@@ -169,7 +202,7 @@ def _write_budget_images(
     paths: dict[str, Any] = {"baseline": [], "accelerated": [], "references": {}}
     rows: list[dict[str, Any]] = []
     refs = {
-        name: to_unit_float(ref.images) for name, ref in budget.references.items() if ref.images is not None
+        name: _report_images(ref.images) for name, ref in budget.references.items() if ref.images is not None
     }
     for i in range(base.shape[0]):
         b_rel, b_view = _save_with_view(root, f"images/{slug}/baseline_{i}.png", _to_pil(base[i]))
@@ -386,6 +419,18 @@ def _recovery_html(recovery: dict[str, Any]) -> str:
     )
 
 
+def _video_fidelity_rows(fid: Any) -> list[str]:
+    """Extra fidelity rows of a video budget: frames averaged and the temporal-consistency PSNR."""
+    if getattr(fid, "temporal_psnr", None) is None:
+        return []
+    return [
+        f"<tr><th>frames</th><td>{_fmt(fid.frames)} per video (PSNR/SSIM: mean over every frame; strips show "
+        f"at most {STRIP_MAX_FRAMES})</td></tr>",
+        f"<tr><th>temporal PSNR (dB)</th><td>{_fmt(min(fid.temporal_psnr, PSNR_CAP_DB))} "
+        "(PSNR of frame differences: motion kept)</td></tr>",
+    ]
+
+
 def _budget_html(k: int, budget: BudgetReport, rows: list[dict[str, Any]]) -> str:
     out = [f'<section id="budget-{k}"><h2>Budget {_e(budget.budget)}</h2>']
     status = '<span class="met">met</span>' if budget.met else '<span class="notmet">not met</span>'
@@ -405,6 +450,7 @@ def _budget_html(k: int, budget: BudgetReport, rows: list[dict[str, Any]]) -> st
     out.append("<h3>Fidelity vs baseline</h3><table>")
     out.append(f"<tr><th>PSNR (dB)</th><td>{_fmt(min(fid.psnr, PSNR_CAP_DB))}</td></tr>")
     out.append(f"<tr><th>SSIM</th><td>{_fmt(fid.ssim)}</td></tr>")
+    out.extend(_video_fidelity_rows(fid))
     out.append(f"<tr><th>LPIPS</th><td>{lp}</td></tr>")
     out.append(f"<tr><th>weights</th><td>{_fmt(budget.weights_bytes / 2**20)} MiB</td></tr>")
     if budget.latency_ms is not None:

@@ -181,7 +181,10 @@ class FidelityMetrics:
         ssim: mean SSIM.
         lpips: mean LPIPS, or None where LPIPS could not run offline.
         lpips_reason: why ``lpips`` is None (empty when it is not).
-        per_image: optional ``{"psnr": [...], "ssim": [...], "lpips": [...] | None}``.
+        per_image: optional ``{"psnr": [...], "ssim": [...], "lpips": [...] | None}`` (videos add
+            ``"temporal_psnr"``), one value per prompt.
+        temporal_psnr: videos only: mean PSNR of the frame differences (motion kept), else None.
+        frames: videos only: frames per video (PSNR/SSIM average every frame), else None.
     """
 
     psnr: float
@@ -189,6 +192,8 @@ class FidelityMetrics:
     lpips: float | None = None
     lpips_reason: str = ""
     per_image: dict[str, list[float] | None] | None = None
+    temporal_psnr: float | None = None
+    frames: int | None = None
 
     @classmethod
     def from_metrics(cls, result: dict[str, Any]) -> FidelityMetrics:
@@ -203,6 +208,8 @@ class FidelityMetrics:
             lpips=result.get("lpips"),
             lpips_reason=result.get("lpips_reason", ""),
             per_image=result.get("per_image"),
+            temporal_psnr=result.get("temporal_psnr"),
+            frames=result.get("frames"),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -213,12 +220,15 @@ class FidelityMetrics:
         }
         if self.lpips_reason:
             out["lpips_reason"] = self.lpips_reason
+        if self.temporal_psnr is not None:
+            out["temporal_psnr"] = _psnr_json(self.temporal_psnr)
+            out["frames"] = self.frames
         if self.per_image is not None:
             per: dict[str, Any] = {}
             for key, values in self.per_image.items():
                 if values is None:
                     per[key] = None
-                elif key == "psnr":
+                elif key in ("psnr", "temporal_psnr"):
                     per[key] = [_psnr_json(v) for v in values]
                 else:
                     per[key] = [_opt_json(v) for v in values]
@@ -234,6 +244,8 @@ class FidelityMetrics:
             lpips=_opt_num(_req(obj, "lpips", "fidelity"), "fidelity.lpips"),
             lpips_reason=str(obj.get("lpips_reason", "")),
             per_image=None if per is None else {k: None if v is None else list(v) for k, v in per.items()},
+            temporal_psnr=_opt_num(obj.get("temporal_psnr"), "fidelity.temporal_psnr"),
+            frames=None if obj.get("frames") is None else _int(obj["frames"], "fidelity.frames"),
         )
 
 

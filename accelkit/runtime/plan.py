@@ -63,6 +63,7 @@ class Plan:
             "height": generation["height"],
             "width": generation["width"],
             "guidance_scale": generation["guidance_scale"],
+            **({"num_frames": generation["num_frames"]} if "num_frames" in generation else {}),  # video plans
             **generation.get("call_arguments", {}),  # --call-arg values and what the model family needs
         }
 

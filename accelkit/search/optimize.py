@@ -109,6 +109,8 @@ class OptimizeSettings:
     height: int | None = None
     width: int | None = None
     guidance_scale: float | None = None
+    #: Frames per video (video pipelines only); None: the pipeline's default.
+    num_frames: int | None = None
     #: Extra pipeline call arguments (``--call-arg KEY=VALUE``), on top of those the model family needs.
     call_args: dict[str, Any] = field(default_factory=dict)
     export: str | None = None
@@ -235,7 +237,7 @@ def _generation_defaults(pipe: Any, settings: OptimizeSettings, source: str) -> 
         defaults = {"height": info.height, "width": info.width, "guidance_scale": info.guidance_scale}
     else:
         defaults = generation_defaults(pipe)
-    for key in ("height", "width", "guidance_scale"):
+    for key in ("height", "width", "guidance_scale", "num_frames"):
         if getattr(settings, key) is not None:
             defaults[key] = getattr(settings, key)
     return with_call_arguments(pipe, defaults, settings.call_args)
@@ -417,7 +419,7 @@ def study_settings(settings: OptimizeSettings, *, model_id: str, weights_hash: s
         "budgets": [budget_name(t) for t in targets],
         "steps": settings.steps,
         "seed": settings.seed,
-        "generation": {k: generation[k] for k in ("height", "width", "guidance_scale", "call_arguments")
+        "generation": {k: generation[k] for k in ("height", "width", "guidance_scale", "num_frames", "call_arguments")
                        if k in generation},
         "calibration_prompts": list(calibration_prompts),
         "evaluation_prompts": list(evaluation_prompts),
@@ -720,7 +722,8 @@ def prepare_search(settings: OptimizeSettings, *, role: str = "optimize", consol
     spec = device_spec(cost_target)
     calib = Calibrator(pipe, calibration_prompts, height=generation["height"], width=generation["width"],
                        guidance_scale=generation["guidance_scale"], seed=settings.seed,
-                       weights_hash=weights_hash, cache_dir=out / "calibration" if out is not None else None,
+                       num_frames=generation.get("num_frames"), weights_hash=weights_hash,
+                       cache_dir=out / "calibration" if out is not None else None,
                        extra_call_kwargs=dict(generation.get("call_arguments", {})))
     evaluator = Evaluator(base=base, calib=calib, spec=spec,
                           latency_inputs=calls[0] if settings.cost == "latency" else None)
