@@ -488,9 +488,10 @@ def recover_plan(
     loaded = load_pipeline(model or plan.data["model"]["id"], device=device)
     pipe = loaded.pipe
     report_data, report_entry = _report_entry(out_dir, plan.budget)
-    default_train, default_eval = _prompt_sets(
+    defaults = _prompt_sets(
         OptimizeSettings(model=loaded.model_id, num_prompts=num_prompts, num_eval_prompts=num_eval_prompts),
         loaded.source)
+    default_train, default_eval = defaults.calibration, defaults.evaluation
     train_prompts = list(prompts) if prompts else default_train
     seed = 0
     if eval_prompts:

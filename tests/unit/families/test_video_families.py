@@ -125,11 +125,16 @@ def test_optimize_steps_and_cache_meets_2x_with_a_video_report(family, folders, 
 def test_optimize_prune_removes_a_block(family, folders, tmp_path):
     out = tmp_path / "out"
     code = main(["optimize", str(folders(family)), "--passes", "prune", "--budget", "1.2x",
-                 *_search_args(family, out, steps=4, trials=1)])
+                 *_search_args(family, out, steps=4, trials=3)])
     assert code == 0
+    report = _report(out)
+    assert report["budgets"][0]["met"]
+    # The guaranteed fewer-steps seed runs first; the sampled trials after it prune blocks. The plan is
+    # whichever scores better on validation, so a pruning trial is asserted, not a pruned plan.
+    pruned = [t for t in report["trials"] if (t["passes"].get("prune") or {}).get("removed_blocks")]
+    assert pruned, [t["passes"] for t in report["trials"]]
     plan = json.loads((out / "plans" / "1.2x" / "plan.json").read_text())
-    assert plan["passes"]["prune"]["removed_blocks"]
-    assert _report(out)["budgets"][0]["met"]
+    assert "prune" not in plan["passes"] or plan["passes"]["prune"]["removed_blocks"]
 
 
 @pytest.mark.slow
