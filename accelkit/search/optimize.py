@@ -601,8 +601,10 @@ def _probe_facts(settings: OptimizeSettings, evaluator: Evaluator, targets: Sequ
 
     key = (tuple(settings.passes), settings.steps, tuple(targets))
     if key not in evaluator.probe_facts:
-        context = ProbeContext(base=evaluator.base, calib=evaluator.calib,
-                               cost=lambda program: evaluator.cost(program).seconds,
+        def seconds(program: Program) -> float:  # the baseline's cost is known (and measured once)
+            return (evaluator.base_cost if program is evaluator.base else evaluator.cost(program)).seconds
+
+        context = ProbeContext(base=evaluator.base, calib=evaluator.calib, cost=seconds,
                                num_steps=settings.steps, targets=tuple(targets))
         evaluator.probe_facts[key] = probe_facts(settings.passes, context)
     return evaluator.probe_facts[key]
