@@ -386,8 +386,14 @@ def _topological(names: Sequence[str]) -> tuple[str, ...]:
     return tuple(order)
 
 
+_BUILTINS_LOADED = False
+
+
 def _load_builtin_passes() -> None:
     """Import every module of ``accelkit/passes/`` (each registers its pass): no list to edit."""
+    global _BUILTINS_LOADED
+    if _BUILTINS_LOADED:
+        return
     import importlib
     import pkgutil
 
@@ -396,6 +402,7 @@ def _load_builtin_passes() -> None:
     for module in pkgutil.iter_modules(package.__path__):
         if not module.name.startswith("_") and module.name not in ("base", "hooks"):
             importlib.import_module(f"accelkit.passes.{module.name}")
+    _BUILTINS_LOADED = True
 
 
 def pass_order() -> tuple[str, ...]:
