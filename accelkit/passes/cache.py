@@ -374,15 +374,12 @@ def profile_end_to_end_costs(
     return costs
 
 
-# ---------------------------------------------------------------- the pass
-
-
 # ---------------------------------------------------------------- hooks: report, seeds, probe
 
 #: Cost of a cached step relative to a full one when the probe cannot measure it.
 GUESSED_CACHED_STEP_COST = 0.2
 #: The smallest full-step share the search space allows.
-MIN_FULL_SHARE = 0.15
+MIN_FULL_SHARE = CacheConfig.SEARCH_SPACE["full_fraction"].low
 
 
 def cache_fraction_for(target: float, cached_cost: float = GUESSED_CACHED_STEP_COST) -> float:
