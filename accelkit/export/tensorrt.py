@@ -275,7 +275,7 @@ def onnx_precision(model: Any) -> dict[str, Any]:
 
 
 def plan_precision(plan_data: Mapping[str, Any] | None) -> dict[str, Any]:
-    """What the plan promises about precision: FP8 activations when the quant pass chose ``w4a8``.
+    """What the plan promises about precision: the claims of its passes' ``precision`` hooks.
 
     Args:
         plan_data: the parsed ``plan.json`` (None: nothing is promised).
@@ -283,13 +283,20 @@ def plan_precision(plan_data: Mapping[str, Any] | None) -> dict[str, Any]:
     Returns:
         ``{"fp8": bool, "int4_weights": bool, "reason": str | None}``.
     """
-    quant = ((plan_data or {}).get("passes") or {}).get("quant") or {}
-    act_mode = quant.get("act_mode")
-    fp8 = act_mode == "w4a8"
+    from accelkit.passes.base import registered_passes
+
+    passes = registered_passes()
+    claims = []
+    for name, resolved in (((plan_data or {}).get("passes")) or {}).items():
+        hook = passes[name].hooks.precision if name in passes else None
+        claim = hook(resolved or {}) if hook is not None and resolved else None
+        if claim is not None:
+            claims.append(claim)
+    reasons = [c.reason for c in claims if c.reason]
     return {
-        "fp8": fp8,
-        "int4_weights": bool(quant),
-        "reason": f"quant.act_mode={act_mode}" if quant else None,
+        "fp8": any(c.fp8 for c in claims),
+        "int4_weights": any(c.int4_weights for c in claims),
+        "reason": "; ".join(reasons) if reasons else None,
     }
 
 

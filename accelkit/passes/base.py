@@ -1,8 +1,10 @@
 """Pass infrastructure: configs, the program passes transform, the registry and the runner.
 
 A pass is a frozen, versioned config dataclass plus one pure function
-``(program, config, calib) -> PassResult`` registered by config type under one canonical name.
-Passes run in the fixed order ``steps -> prune -> quant -> sparse -> cache``.
+``(program, config, calib) -> PassResult`` registered by config type under one canonical name, with its hooks
+(:mod:`accelkit.passes.hooks`) and its order constraints (``after`` / ``before`` other passes). The
+application order (:func:`pass_order`, built in: ``steps -> prune -> quant -> sparse -> cache``) is the
+topological order of the declared constraints; every module in ``accelkit/passes/`` is a built-in pass.
 """
 
 from __future__ import annotations
@@ -20,8 +22,14 @@ from torch import fx
 
 from accelkit.capture.graph import DenoiserGraph
 from accelkit.errors import InputError
+from accelkit.passes.hooks import PassHooks
 
-PASS_ORDER: tuple[str, ...] = ("steps", "prune", "quant", "sparse", "cache")
+
+def __getattr__(name: str) -> Any:
+    # ``PASS_ORDER`` is derived from the registered constraints, so it is computed on each access.
+    if name == "PASS_ORDER":
+        return pass_order()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 # ---------------------------------------------------------------- search-space vocabulary
 
@@ -161,12 +169,16 @@ class GraphVariant:
         state_inputs: names of state tensors read (written earlier by some variant).
         state_outputs: names of state tensors written.
         scalar_inputs: names of per-step scalars (``Program.step_scalars``) fed as 0-d tensors.
+        roles: what the variant is, for passes that run later (:data:`accelkit.passes.hooks.DENSE`,
+            :data:`accelkit.passes.hooks.WRITES_CACHE_STATE`), so no pass recognises another's
+            variants by name.
     """
 
     module: fx.GraphModule
     state_inputs: tuple[str, ...] = ()
     state_outputs: tuple[str, ...] = ()
     scalar_inputs: tuple[str, ...] = ()
+    roles: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -220,7 +232,7 @@ class Program:
         if set(self.variants) != {"full"} or any(name != "full" for name in self.schedule):
             raise InputError(
                 f"{pass_name} must run before passes that add graph variants (order: "
-                f"{' -> '.join(PASS_ORDER)}); this program has variants {sorted(self.variants)}"
+                f"{' -> '.join(pass_order())}); this program has variants {sorted(self.variants)}"
             )
         full = self.variants["full"]
         if full.state_inputs or full.scalar_inputs:
@@ -284,19 +296,46 @@ class RegisteredPass:
     name: str
     config_type: type[PassConfig]
     function: PassFunction
+    hooks: PassHooks = PassHooks()
 
 
 _REGISTRY: dict[type, RegisteredPass] = {}
 _BY_NAME: dict[str, RegisteredPass] = {}
+#: Declared order constraints ``(earlier, later)``; they belong to the names, so a pass registered
+#: again under a name (a test's stand-in) keeps its place.
+_ORDER_EDGES: set[tuple[str, str]] = set()
 
 
-def register_pass(config_type: type[PassConfig], *, name: str) -> Callable[[PassFunction], PassFunction]:
-    """Register ``function`` as the pass for ``config_type`` under canonical ``name``."""
-    if name not in PASS_ORDER:
-        raise ValueError(f"pass name '{name}' is not one of {PASS_ORDER}")
+def register_pass(
+    config_type: type[PassConfig],
+    *,
+    name: str,
+    after: Sequence[str] = (),
+    before: Sequence[str] = (),
+    hooks: PassHooks | None = None,
+) -> Callable[[PassFunction], PassFunction]:
+    """Register ``function`` as the pass for ``config_type`` under canonical ``name``.
+
+    Args:
+        config_type: the pass's config dataclass.
+        name: the canonical name (CLI token, plan key).
+        after: passes that must run before this one when both run (names not registered are ignored).
+        before: passes that must run after this one when both run.
+        hooks: what the pass tells the search, report and export (:class:`PassHooks`).
+
+    Raises:
+        ValueError: the name is not an identifier, or the constraints contradict the registered ones.
+    """
+    if not name.isidentifier():
+        raise ValueError(f"pass name {name!r} must be an identifier")
+    edges = {(earlier, name) for earlier in after} | {(name, later) for later in before}
+    cycle = _cycle(_ORDER_EDGES | edges)
+    if cycle:
+        raise ValueError(f"pass '{name}': order constraints form a cycle {' -> '.join(cycle)}")
 
     def decorator(function: PassFunction) -> PassFunction:
-        entry = RegisteredPass(name, config_type, function)
+        _ORDER_EDGES.update(edges)
+        entry = RegisteredPass(name, config_type, function, hooks or PassHooks())
         _REGISTRY[config_type] = entry
         _BY_NAME[name] = entry
         return function
@@ -304,21 +343,77 @@ def register_pass(config_type: type[PassConfig], *, name: str) -> Callable[[Pass
     return decorator
 
 
-def _load_builtin_passes() -> None:
-    import importlib
+def _cycle(edges: set[tuple[str, str]]) -> list[str]:
+    """A cycle among ``edges`` as ``[a, b, ..., a]``, or [] when there is none."""
+    successors: dict[str, list[str]] = {}
+    for earlier, later in sorted(edges):
+        successors.setdefault(earlier, []).append(later)
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
 
-    for name in PASS_ORDER:
-        try:
-            importlib.import_module(f"accelkit.passes.{name}")
-        except ModuleNotFoundError as error:
-            if error.name != f"accelkit.passes.{name}":
-                raise
+    def visit(node: str) -> list[str]:
+        state[node] = 1
+        path.append(node)
+        for nxt in successors.get(node, []):
+            if state.get(nxt) == 1:
+                return [*path[path.index(nxt):], nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        path.pop()
+        state[node] = 2
+        return []
+
+    for node in sorted(successors):
+        if node not in state and (found := visit(node)):
+            return found
+    return []
+
+
+def _topological(names: Sequence[str]) -> tuple[str, ...]:
+    """``names`` ordered by the constraints among them (ties alphabetically, so the order is stable)."""
+    members = set(names)
+    edges = {(a, b) for a, b in _ORDER_EDGES if a in members and b in members}
+    waiting = {n: {a for a, b in edges if b == n} for n in members}
+    order: list[str] = []
+    while waiting:
+        ready = sorted(n for n, needs in waiting.items() if not needs)
+        if not ready:  # unreachable: register_pass refuses cycles
+            raise ValueError(f"pass order constraints form a cycle among {sorted(waiting)}")
+        order.append(ready[0])
+        del waiting[ready[0]]
+        for needs in waiting.values():
+            needs.discard(ready[0])
+    return tuple(order)
+
+
+_BUILTINS_LOADED = False
+
+
+def _load_builtin_passes() -> None:
+    """Import every module of ``accelkit/passes/`` (each registers its pass): no list to edit."""
+    global _BUILTINS_LOADED
+    if _BUILTINS_LOADED:
+        return
+    import importlib
+    import pkgutil
+
+    import accelkit.passes as package
+
+    for module in pkgutil.iter_modules(package.__path__):
+        if not module.name.startswith("_") and module.name not in ("base", "hooks"):
+            importlib.import_module(f"accelkit.passes.{module.name}")
+    _BUILTINS_LOADED = True
+
+
+def pass_order() -> tuple[str, ...]:
+    """Names of the registered passes in application order (built-in passes are imported)."""
+    _load_builtin_passes()
+    return _topological(list(_BY_NAME))
 
 
 def registered_passes() -> dict[str, RegisteredPass]:
     """Canonical name -> registered pass, in application order (built-in passes are imported)."""
-    _load_builtin_passes()
-    return {name: _BY_NAME[name] for name in PASS_ORDER if name in _BY_NAME}
+    return {name: _BY_NAME[name] for name in pass_order()}
 
 
 def pass_for_config(config: PassConfig) -> RegisteredPass:
@@ -354,7 +449,7 @@ def run_passes(
 
     Args:
         program: the input program (not mutated).
-        configs: one config per pass, given in ``steps -> prune -> quant -> sparse -> cache`` order.
+        configs: one config per pass, given in :func:`pass_order`.
         calib: calibration data provider handed to every pass.
         on_pass: called after each pass with its name and result.
 
@@ -369,15 +464,16 @@ def run_passes(
     names = [e.name for e in entries]
     if len(set(names)) != len(names):
         raise InputError(f"pass listed twice in {names}")
-    positions = [PASS_ORDER.index(n) for n in names]
+    order = pass_order()
+    positions = [order.index(n) for n in names]
     if positions != sorted(positions):
-        raise InputError(f"passes {names} are out of order; apply them in the order {' -> '.join(PASS_ORDER)}")
+        raise InputError(f"passes {names} are out of order; apply them in the order {' -> '.join(order)}")
     already = [n for n in program.applied if n in names]
     if already:
         raise InputError(f"pass(es) {already} were already applied to this program")
-    later = [n for n in program.applied if PASS_ORDER.index(n) > min(positions, default=len(PASS_ORDER))]
+    later = [n for n in program.applied if n in order and order.index(n) > min(positions, default=len(order))]
     if later:
-        raise InputError(f"cannot apply {names} after {later}: the order is {' -> '.join(PASS_ORDER)}")
+        raise InputError(f"cannot apply {names} after {later}: the order is {' -> '.join(order)}")
     results: dict[str, PassResult] = {}
     current = program
     for entry, config in zip(entries, configs, strict=True):

@@ -17,7 +17,9 @@ data-dependent branch and no host sync. The mask comes from a DP over an error p
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -40,6 +42,17 @@ from accelkit.passes.base import (
     PassResult,
     Program,
     register_pass,
+    run_passes,
+)
+from accelkit.passes.hooks import (
+    BUDGET_TOLERANCE,
+    DENSE,
+    WRITES_CACHE_STATE,
+    Ablation,
+    PassHooks,
+    ProbeContext,
+    Seed,
+    SeedRequest,
 )
 
 aten = torch.ops.aten
@@ -361,10 +374,90 @@ def profile_end_to_end_costs(
     return costs
 
 
+# ---------------------------------------------------------------- hooks: report, seeds, probe
+
+#: Cost of a cached step relative to a full one when the probe cannot measure it.
+GUESSED_CACHED_STEP_COST = 0.2
+#: The smallest full-step share the search space allows.
+MIN_FULL_SHARE = CacheConfig.SEARCH_SPACE["full_fraction"].low
+
+
+def cache_fraction_for(target: float, cached_cost: float = GUESSED_CACHED_STEP_COST) -> float:
+    """Full-step share meeting ``target`` when a cached step costs ``cached_cost`` of a full one.
+
+    A cached step still runs the blocks outside the span (and the embedders), about a fifth of a full
+    step on the zoo model; the search corrects the guess.
+    """
+    return max(MIN_FULL_SHARE, min(1.0, (1.0 / target - cached_cost) / (1.0 - cached_cost)))
+
+
+def _seed_config(full_share: float, approximation: str, warmup: int) -> dict[str, Any]:
+    return {"full_fraction": full_share, "first_blocks": 1, "last_blocks": 0, "approximation": approximation,
+            "schedule": "dp", "prior": "residual", "weighting": "quadratic", "warmup": warmup}
+
+
+def seeds(request: SeedRequest) -> list[Seed]:
+    """The cache alone: a residual-reuse DP schedule with the full-step share the budget needs."""
+    cached_cost = request.facts.get("cached_cost", GUESSED_CACHED_STEP_COST)
+    return [Seed(_seed_config(cache_fraction_for(request.target, cached_cost), "residual", 1), priority=3)]
+
+
+def complete(request: SeedRequest) -> dict[str, Any] | None:
+    """A Taylor-extrapolated cache meeting what a leading pass left of the budget, or None.
+
+    With ``F`` full and ``n - F`` cached steps the cost is ``F + (n - F) * c`` full steps, so the most
+    full steps meeting the speedup are ``F = floor((n / target - n c) / (1 - c))``; the pass rounds
+    ``full_fraction * n`` and the space floors the share at :data:`MIN_FULL_SHARE`.
+    """
+    cached_cost = request.facts.get("cached_cost", GUESSED_CACHED_STEP_COST)
+    count = request.num_steps
+    if count is None:
+        return _seed_config(cache_fraction_for(request.target, cached_cost), "taylor", 0)
+    allowed = count / (request.target * (1 - BUDGET_TOLERANCE))  # full-step equivalents allowed
+    full = math.floor((allowed - count * cached_cost) / (1 - cached_cost) + 1e-9)
+    if full >= max(2, math.ceil(MIN_FULL_SHARE * count)) and full < count:
+        return _seed_config(full / count, "taylor", 0)
+    return None
+
+
+def probe(context: ProbeContext) -> dict[str, Any]:
+    """``cached_cost``: a cached step's cost relative to a full one, from a uniform cache (no calibration)."""
+    steps = context.num_steps
+    try:
+        program, _ = run_passes(context.base, [CacheConfig(full_fraction=0.5, schedule="uniform")], None)
+    except Exception:  # noqa: BLE001 - a denoiser the cache cannot split: seeds fall back to a guess
+        return {"cached_cost": GUESSED_CACHED_STEP_COST}
+    full = sum(1 for name in program.schedule if WRITES_CACHE_STATE in program.variants[name].roles)
+    cached = steps - full
+    per_step = context.cost(context.base) / steps
+    ratio = (context.cost(program) / per_step - full) / max(cached, 1)
+    return {"cached_cost": float(min(0.95, max(0.01, ratio)))}
+
+
+def describe(resolved: Mapping[str, Any], stats: Mapping[str, Any]) -> str | None:
+    """The full steps and the reused span, in words."""
+    if "span_blocks" not in stats:
+        return None
+    span = stats["span_blocks"]
+    return (f"compute {stats['full_steps']} of {stats['num_steps']} steps fully; on the others reuse the "
+            f"{resolved['approximation']} of blocks {span[0]}..{int(span[1]) - 1} ({resolved['schedule']} schedule)")
+
+
+def ablations(resolved: Mapping[str, Any], stats: Mapping[str, Any]) -> dict[str, Ablation]:
+    """A DP schedule against the uniform one with the same number of full steps."""
+    if "span_blocks" not in stats or resolved.get("schedule") != "dp":
+        return {}
+    full_steps = len(resolved["full_step_mask"])
+    uniform = {**resolved, "schedule": "uniform", "full_step_mask": None,
+               "full_fraction": full_steps / stats["num_steps"]}
+    return {"uniform_cache": Ablation(uniform, "same plan with a uniform cache schedule", {"full_steps": full_steps})}
+
+
 # ---------------------------------------------------------------- the pass
 
 
-@register_pass(CacheConfig, name="cache")
+@register_pass(CacheConfig, name="cache", after=("steps", "prune", "quant", "sparse"),
+               hooks=PassHooks(describe=describe, seeds=seeds, complete=complete, probe=probe, ablations=ablations))
 def cache(program: Program, config: CacheConfig, calib: Any) -> PassResult:
     """Insert the span cache and choose the full-compute steps.
 
@@ -377,10 +470,11 @@ def cache(program: Program, config: CacheConfig, calib: Any) -> PassResult:
     steps = program.num_steps
     if config.is_noop() or config.full_steps(steps) >= steps:
         return PassResult(program, modified=False, stats={"full_steps": steps, "num_steps": steps})
-    # Steps that run another full-compute variant (sparse.dense_steps' "full_dense") must stay full
-    # steps: the cached variant is derived from "full" alone. They may only lead the schedule, where
-    # they act as a cache warm-up.
-    forced = sum(1 for _ in itertools.takewhile(lambda name: name != "full", program.schedule))
+    # Steps that run another full-compute variant (role DENSE, e.g. block-sparse attention's dense first
+    # steps) must stay full steps: the cached variant is derived from "full" alone. They may only lead
+    # the schedule, where they act as a cache warm-up.
+    forced = sum(1 for _ in itertools.takewhile(
+        lambda name: name != "full" and DENSE in program.variants[name].roles, program.schedule))
     others = sorted(set(program.schedule[forced:]) - {"full"})
     if others:
         raise InputError(
@@ -391,7 +485,8 @@ def cache(program: Program, config: CacheConfig, calib: Any) -> PassResult:
     span = locate_span(base.module, config.first_blocks, config.last_blocks)
     full_module, state_names = build_full_variant(base.module, span)
     cached_module, cached_inputs, scalar_names = build_cached_variant(base.module, span, config.approximation)
-    full = GraphVariant(full_module, base.state_inputs, (*base.state_outputs, *state_names), base.scalar_inputs)
+    full = GraphVariant(full_module, base.state_inputs, (*base.state_outputs, *state_names), base.scalar_inputs,
+                        base.roles | {WRITES_CACHE_STATE})
     cached = GraphVariant(cached_module, (*base.state_inputs, *cached_inputs), base.state_outputs,
                           (*base.scalar_inputs, *scalar_names))
     # Every full-compute variant writes the cache state, so a cached step may follow any of them.
@@ -402,8 +497,9 @@ def cache(program: Program, config: CacheConfig, calib: Any) -> PassResult:
         other_module, other_states = build_full_variant(other.module, other_span)
         if other_states != state_names:
             raise InputError(f"cache: variant '{name}' has a different block structure than 'full'")
-        writers[name] = GraphVariant(other_module, other.state_inputs, (*other.state_outputs, *other_states),
-                                     other.scalar_inputs)
+        writers[name] = dataclasses.replace(other, module=other_module,
+                                            state_outputs=(*other.state_outputs, *other_states),
+                                            roles=other.roles | {WRITES_CACHE_STATE})
     full_steps = config.full_steps(steps)
     warmup = max(config.warmup, forced)
     stats: dict[str, Any] = {

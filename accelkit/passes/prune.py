@@ -24,7 +24,7 @@ gives the pruned graph those tensors (:func:`replace_weights`) instead of the or
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -46,6 +46,7 @@ from accelkit.passes.base import (
     Program,
     register_pass,
 )
+from accelkit.passes.hooks import PassHooks
 
 __all__ = [
     "SCORES",
@@ -451,7 +452,16 @@ def _candidate_stats(pairings: Sequence[BlockPairing], protected: set[str]) -> d
     }
 
 
-@register_pass(PruneConfig, name="prune")
+def describe(resolved: Mapping[str, Any], stats: Mapping[str, Any]) -> str | None:
+    """The removed blocks and their share of the block FLOPs, in words."""
+    removed = stats.get("removed_blocks") or []
+    if not removed:
+        return None
+    fraction = stats.get("removed_flops_fraction", 0.0)
+    return f"remove {len(removed)} block(s) ({', '.join(map(str, removed))}; {fraction:.0%} of block FLOPs)"
+
+
+@register_pass(PruneConfig, name="prune", after=("steps",), hooks=PassHooks(describe=describe))
 def prune(program: Program, config: PruneConfig, calib: Any) -> PassResult:
     """Remove whole blocks from the ``full`` variant.
 

@@ -54,6 +54,7 @@ from accelkit.passes.base import (
     Program,
     register_pass,
 )
+from accelkit.passes.hooks import PassHooks, PrecisionClaim
 
 __all__ = [
     "ACT_MODES",
@@ -509,7 +510,26 @@ class _Calibration:
         return self._samples
 
 
-@register_pass(QuantConfig, name="quant")
+def describe(resolved: Mapping[str, Any], stats: Mapping[str, Any]) -> str | None:
+    """The quantized layers and their format, in words."""
+    quantized = stats.get("quantized") or []
+    if not quantized:
+        return None
+    kept = stats.get("kept_16bit") or []
+    branch = f"rank-{resolved['rank']} 16-bit branch" if resolved.get("low_rank", True) else "no low-rank branch"
+    return (f"quantize {len(quantized)} linear layers to 4 bits ({resolved['act_mode'].upper()}, "
+            f"group {resolved['group_size']}, {branch}"
+            + (f"; {len(kept)} most sensitive kept 16-bit" if kept else "") + ")")
+
+
+def precision(resolved: Mapping[str, Any]) -> PrecisionClaim:
+    """4-bit weights, and FP8 activations for ``w4a8``: what an exported engine must keep."""
+    act_mode = resolved.get("act_mode")
+    return PrecisionClaim(fp8=act_mode == "w4a8", int4_weights=True, reason=f"quant.act_mode={act_mode}")
+
+
+@register_pass(QuantConfig, name="quant", after=("steps", "prune"),
+               hooks=PassHooks(describe=describe, precision=precision))
 def quant(program: Program, config: QuantConfig, calib: Any) -> PassResult:
     """Replace the ``full`` variant's linear layers by SVDQuant 4-bit linears.
 

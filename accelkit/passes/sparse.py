@@ -22,15 +22,17 @@ with other budgets reuse it; per site the smallest grid τ whose mean error, and
 stays within the budget is chosen (the grid stands in for a binary search, which would tie the cached
 measurement to one budget).
 
-``dense_steps``: the first steps run the original graph, kept as variant ``"full_dense"``.
+``dense_steps``: the first steps run the original graph, kept as variant ``"full_dense"`` with the
+role :data:`accelkit.passes.hooks.DENSE` (later passes treat it as a full-compute step by that role).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -56,6 +58,7 @@ from accelkit.passes.base import (
     Program,
     register_pass,
 )
+from accelkit.passes.hooks import DENSE, PassHooks
 from accelkit.passes.prune import record_calibration_inputs
 
 __all__ = [
@@ -423,7 +426,18 @@ def _site_stats(sites: Sequence[AttentionSite]) -> dict[str, Any]:
     }
 
 
-@register_pass(SparseConfig, name="sparse")
+def describe(resolved: Mapping[str, Any], stats: Mapping[str, Any]) -> str | None:
+    """The sparse sites and the attention FLOPs they keep, in words."""
+    if not stats.get("sparse_sites"):
+        return None
+    kept_share = stats.get("mean_kept_fraction")
+    dense = stats.get("dense_steps", 0)
+    return (f"block-sparse attention at {len(stats['sparse_sites'])} site(s)"
+            + (f", keeping {kept_share:.0%} of attention FLOPs" if kept_share is not None else "")
+            + (f" (first {dense} steps dense)" if dense else ""))
+
+
+@register_pass(SparseConfig, name="sparse", after=("steps", "prune", "quant"), hooks=PassHooks(describe=describe))
 def sparse(program: Program, config: SparseConfig, calib: Any) -> PassResult:
     """Make the eligible attention sites of the ``full`` variant block-sparse.
 
@@ -495,7 +509,7 @@ def sparse(program: Program, config: SparseConfig, calib: Any) -> PassResult:
     variants = {"full": GraphVariant(sparse_module)}
     schedule = ("full",) * program.num_steps
     if dense_steps:
-        variants["full_dense"] = full
+        variants["full_dense"] = dataclasses.replace(full, roles=full.roles | {DENSE})
         schedule = ("full_dense",) * dense_steps + ("full",) * (program.num_steps - dense_steps)
     stats["dense_steps"] = dense_steps
     new_program = program.replace(variants=variants, schedule=schedule)

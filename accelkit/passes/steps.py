@@ -28,6 +28,7 @@ import copy
 import functools
 import inspect
 import math
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -44,13 +45,16 @@ from accelkit.passes.base import (
     PassResult,
     Program,
     register_pass,
+    run_passes,
 )
+from accelkit.passes.hooks import BUDGET_TOLERANCE, PassHooks, ProbeContext, Seed, SeedRequest, Share
 
 __all__ = [
     "PLACEMENTS",
     "PlacementUnavailable",
     "StepsConfig",
     "error_density",
+    "fewer_steps_for",
     "pipeline_schedule",
     "placement_unavailable",
     "solver_order",
@@ -463,7 +467,89 @@ def _equalized(
     return tuple(float(v) for v in values), mapping.kind, stats
 
 
-@register_pass(StepsConfig, name="steps")
+# ---------------------------------------------------------------- hooks: report, seeds, probe
+
+
+def fewer_steps_for(num_steps: int, target: float) -> int | None:
+    """The most sampler steps (of ``num_steps``) that alone meet ``target``; None when 2 steps do not.
+
+    Cost is linear in the step count, so ``n`` steps are ``num_steps / n`` times faster.
+    """
+    count = min(num_steps, math.floor(num_steps / (target * (1 - BUDGET_TOLERANCE)) + 1e-9))
+    return count if count >= 2 else None
+
+
+def describe(resolved: Mapping[str, Any], stats: Mapping[str, Any]) -> str | None:
+    """The step count and spacing, in words."""
+    before, after = stats.get("steps_before"), stats.get("steps_after")
+    if before is None or after == before:
+        return None
+    placement = "equalized-error" if stats.get("sigmas") is not None else "default"
+    return f"run {after} of {before} sampler steps ({placement} spacing)"
+
+
+def _share_of_steps(num_steps: int | None, target: float) -> float | None:
+    if num_steps is None:
+        return min(1.0, 1.0 / target)
+    count = fewer_steps_for(num_steps, target)
+    return None if count is None else count / num_steps
+
+
+def seeds(request: SeedRequest) -> list[Seed]:
+    """Fewer steps alone: the most steps meeting the budget, at each placement the pipeline takes.
+
+    These are the guaranteed candidates (priority 0 at the default spacing, 1 at the other placement).
+    Without ``num_steps`` the share is ``1 / target`` (it may miss a budget by rounding).
+    """
+    share = _share_of_steps(request.num_steps, request.target)
+    if share is None:
+        return []
+    placements = request.facts.get("placements", PLACEMENTS)
+    return [Seed({"fraction": share, "placement": placement, "blend": 1.0}, priority)
+            for priority, placement in enumerate(placements[:2])]
+
+
+def shares(request: SeedRequest) -> Iterator[Share]:
+    """Step counts that take about half the budget (on a log scale), most steps first."""
+    num_steps, target = request.num_steps, request.target
+    if num_steps is None:
+        share = target ** 0.5
+        yield Share({"fraction": min(1.0, 1.0 / share), "placement": "default", "blend": 1.0}, share, None)
+        return
+    low = fewer_steps_for(num_steps, target) or 2
+    for count in range(min(num_steps, round(num_steps / target ** 0.5)), low, -1):
+        params = {"fraction": count / num_steps, "placement": "default", "blend": 1.0}
+        yield Share(params, num_steps / count, count)
+
+
+def probe(context: ProbeContext) -> dict[str, Any]:
+    """The placements this pipeline takes; ``note`` says why equalized placement falls back, if it does.
+
+    Runs the pass once (its density measurement is cached for the trials that follow), since some
+    schedulers take custom steps in general but not in their configuration (DPM-Solver++ with flow sigmas).
+    """
+    note = _placement_note(context)
+    return {"placements": ("default",) if note else PLACEMENTS,
+            "note": f"Step placement: {note}." if note else None}
+
+
+def _placement_note(context: ProbeContext) -> str | None:
+    static = placement_unavailable(getattr(getattr(context.calib, "pipe", None), "scheduler", None))
+    count = fewer_steps_for(context.num_steps, context.targets[0])
+    if static or count is None or count >= context.num_steps:
+        return static
+    try:
+        _, results = run_passes(context.base, [StepsConfig(num_steps=count, placement="equalized")], context.calib)
+    except Exception as error:  # noqa: BLE001 - trials will record the failure themselves
+        return str(error).splitlines()[0] if str(error) else type(error).__name__
+    return results["steps"].stats.get("placement_note")
+
+
+# ---------------------------------------------------------------- the pass
+
+
+@register_pass(StepsConfig, name="steps",
+               hooks=PassHooks(describe=describe, seeds=seeds, shares=shares, probe=probe))
 def steps(program: Program, config: StepsConfig, calib: Any) -> PassResult:
     """Set the number of denoising steps and, for equalized placement, their sigmas.
 
@@ -513,7 +599,7 @@ def steps(program: Program, config: StepsConfig, calib: Any) -> PassResult:
             stats.update(placed)
         except PlacementUnavailable as reason:
             # Not an error: the search asks every scheduler; those that take no custom steps run
-            # the default spacing, and the stats say why (describe_plan puts it in the report).
+            # the default spacing, and the stats say why (the probe puts it in the report's notes).
             arguments = None
             stats.update(placement="default", placement_note=f"default spacing: {reason}")
     stats["sigmas"] = None if arguments is None else list(arguments)

@@ -3,9 +3,9 @@
 One Optuna study per run (SQLite in ``OUT`` unless ``storage`` names another database), two
 objectives (cost down, PSNR up on calibration prompts), the lowest budget as a constraint. The first
 trials are guaranteed candidates: per budget, the most sampler steps alone that meet it (default
-spacing, then equalized placement where the scheduler takes custom steps), then a fewer-steps + cache
-split (:func:`accelkit.search.space.default_trials`), so ``--trials`` >= the number of budgets meets
-every budget fewer steps can reach.
+spacing, then at the other spacing where the scheduler takes custom steps), then splits of a budget
+between two passes, from the passes' seed hooks (:func:`accelkit.search.space.default_trials`), so
+``--trials`` >= the number of budgets meets every budget fewer steps can reach.
 
 Three disjoint prompt sets (:func:`_prompt_sets`): trials are scored on calibration prompts; per budget
 the best :data:`VALIDATION_TOP` feasible trials are re-scored on validation prompts, and one is chosen
@@ -37,14 +37,17 @@ import torch
 
 from accelkit.errors import InputError
 from accelkit.passes.base import (
-    PASS_ORDER,
     PassConfig,
     PassFailedError,
     Program,
     config_from_dict,
+    pass_order,
+    registered_passes,
     run_passes,
 )
-from accelkit.search.space import BUDGET_TOLERANCE, fewer_steps_for
+from accelkit.passes.hooks import ProbeContext
+from accelkit.passes.steps import fewer_steps_for
+from accelkit.search.space import BUDGET_TOLERANCE
 
 SPEEDUP_TOLERANCE = BUDGET_TOLERANCE
 DEFAULT_PASSES = ("steps", "cache")
@@ -67,12 +70,11 @@ def parse_passes(text: str | Sequence[str] | None) -> tuple[str, ...]:
     if text is None:
         return DEFAULT_PASSES
     names = [n.strip() for n in (text.split(",") if isinstance(text, str) else text) if n.strip()]
-    from accelkit.passes.base import registered_passes
-
     available = registered_passes()
-    unknown = [n for n in names if n not in PASS_ORDER]
+    order = pass_order()
+    unknown = [n for n in names if n not in order]
     if unknown:
-        raise InputError(f"unknown pass(es) {unknown}: choose from {', '.join(PASS_ORDER)}")
+        raise InputError(f"unknown pass(es) {unknown}: choose from {', '.join(order)}")
     missing = [n for n in names if n not in available]
     if missing:
         raise InputError(
@@ -80,7 +82,7 @@ def parse_passes(text: str | Sequence[str] | None) -> tuple[str, ...]:
         )
     if not names:
         raise InputError("--passes is empty: name at least one of " + ", ".join(available))
-    return tuple(sorted(set(names), key=PASS_ORDER.index))
+    return tuple(sorted(set(names), key=order.index))
 
 
 @dataclass
@@ -266,6 +268,8 @@ class Evaluator:
         self.latency_inputs = latency_inputs
         self._baseline_images = baseline_images
         self.base_cost = self.cost(base)
+        #: what the passes' probes measured, per (passes, steps, budgets)
+        self.probe_facts: dict[tuple, dict[str, Any]] = {}
 
     def cost(self, program: Program) -> Any:
         from accelkit.search.cost import measured_program_cost, program_cost
@@ -587,47 +591,23 @@ def _seed_trials(settings: OptimizeSettings, evaluator: Evaluator, targets: Sequ
     """The guaranteed candidates (see :func:`accelkit.search.space.default_trials`) for this model."""
     from accelkit.search.space import default_trials
 
-    placements = ("default",) if _placement_note(settings, evaluator, targets) else ("default", "equalized")
-    cached_cost = _cached_step_cost(evaluator) if "cache" in settings.passes else 0.2
-    return default_trials(settings.passes, targets, num_steps=settings.steps, placements=placements,
-                          cached_cost=cached_cost)
+    return default_trials(settings.passes, targets, num_steps=settings.steps,
+                          facts=_probe_facts(settings, evaluator, targets))
 
 
-def _placement_note(settings: OptimizeSettings, evaluator: Evaluator, targets: Sequence[float]) -> str | None:
-    """Why equalized placement falls back to default spacing on this pipeline, or None when it works.
+def _probe_facts(settings: OptimizeSettings, evaluator: Evaluator, targets: Sequence[float]) -> dict[str, Any]:
+    """What the searched passes' probes measure on this model (memoised: seeds and notes both read it)."""
+    from accelkit.search.space import probe_facts
 
-    Runs the steps pass once (its density measurement is cached for the trials that follow), since some
-    schedulers take custom steps in general but not in their configuration (DPM-Solver++ with flow sigmas).
-    """
-    from accelkit.passes.steps import StepsConfig, placement_unavailable
+    key = (tuple(settings.passes), settings.steps, tuple(targets))
+    if key not in evaluator.probe_facts:
+        def seconds(program: Program) -> float:  # the baseline's cost is known (and measured once)
+            return (evaluator.base_cost if program is evaluator.base else evaluator.cost(program)).seconds
 
-    if "steps" not in settings.passes:
-        return None
-    static = placement_unavailable(getattr(evaluator.calib.pipe, "scheduler", None))
-    count = fewer_steps_for(settings.steps, targets[0])
-    if static or count is None or count >= settings.steps:
-        return static
-    try:
-        _, results = run_passes(evaluator.base, [StepsConfig(num_steps=count, placement="equalized")], evaluator.calib)
-    except Exception as error:  # noqa: BLE001 - trials will record the failure themselves
-        return str(error).splitlines()[0] if str(error) else type(error).__name__
-    return results["steps"].stats.get("placement_note")
-
-
-def _cached_step_cost(evaluator: Evaluator) -> float:
-    """Cost of a cached step relative to a full one, from a uniform cache (no calibration needed)."""
-    from accelkit.passes.cache import CacheConfig
-
-    steps = evaluator.base.num_steps
-    try:
-        program, _ = run_passes(evaluator.base, [CacheConfig(full_fraction=0.5, schedule="uniform")], None)
-    except Exception:  # noqa: BLE001 - a denoiser the cache cannot split: seeds fall back to a guess
-        return 0.2
-    full = sum(1 for name in program.schedule if name != "cached")
-    cached = steps - full
-    per_step = evaluator.base_cost.seconds / steps
-    ratio = (evaluator.cost(program).seconds / per_step - full) / max(cached, 1)
-    return float(min(0.95, max(0.01, ratio)))
+        context = ProbeContext(base=evaluator.base, calib=evaluator.calib, cost=seconds,
+                               num_steps=settings.steps, targets=tuple(targets))
+        evaluator.probe_facts[key] = probe_facts(settings.passes, context)
+    return evaluator.probe_facts[key]
 
 
 def prepare_search(settings: OptimizeSettings, *, role: str = "optimize", console: Any = None) -> SearchSession:
@@ -887,11 +867,11 @@ def _finish(settings: OptimizeSettings, study: Any, evaluator: Evaluator, target
         speedup, cost = evaluator.speedup(program)
         metrics, images = evaluator.fidelity(program, evaluation_prompts, baseline_eval, seed_offset)
         ablations = _ablations(evaluator, program, resolved, evaluation_prompts, baseline_eval, seed_offset)
-        if "uniform_cache" in ablations and "error" not in ablations["uniform_cache"]:
-            uniform = ablations["uniform_cache"]
-            references["uniform_cache"] = ReferencePoint(
-                speedup=uniform["speedup"], psnr=uniform["psnr"], ssim=uniform["ssim"],
-                description="same plan with a uniform cache schedule")
+        for key, ablation in _plan_ablations(program).items():
+            if key in ablations and "error" not in ablations[key]:
+                measured = ablations[key]
+                references[key] = ReferencePoint(speedup=measured["speedup"], psnr=measured["psnr"],
+                                                 ssim=measured["ssim"], description=ablation.description)
         floor_ok = settings.min_psnr is None or metrics["psnr"] >= settings.min_psnr
         met = speedup >= target * (1 - SPEEDUP_TOLERANCE) and floor_ok
         plan_dir = out / "plans" / name
@@ -903,7 +883,7 @@ def _finish(settings: OptimizeSettings, study: Any, evaluator: Evaluator, target
                          "roofline_speedup": evaluator.roofline_speedup(program),
                          "speedup": speedup},
                    fidelity={k: metrics[k] for k in ("psnr", "ssim", "lpips")})
-        summary = describe_plan(program, settings.steps)
+        summary = describe_plan(program)
         scheduler_name = type(getattr(evaluator.calib.pipe, "scheduler", None)).__name__
         verdict = choice.verdict(scheduler_name, fewer_steps, settings.steps,
                                  metrics["psnr"], reference_metrics["psnr"])
@@ -936,9 +916,7 @@ def _finish(settings: OptimizeSettings, study: Any, evaluator: Evaluator, target
         "Fidelity: PSNR/SSIM in float against the full-step baseline with the same seeds, on held-out prompts; "
         "the search itself used the calibration prompts.",
     ]
-    unavailable = _placement_note(settings, evaluator, targets)
-    if unavailable:
-        notes.append(f"Step placement: {unavailable}.")
+    notes.extend(facts["note"] for facts in _probe_facts(settings, evaluator, targets).values() if facts.get("note"))
     notes.append(f"Selection: the best {VALIDATION_TOP} feasible trials per budget were re-scored on "
                  f"{len(validation_prompts)} validation prompts (disjoint from calibration and evaluation); a plan "
                  "is chosen only if it scores at least the fewer-steps plan meeting the same budget there.")
@@ -1066,68 +1044,50 @@ def program_weights_bytes(program: Program) -> int:
     return weights_bytes(variant.module for variant in program.variants.values())
 
 
-def describe_plan(program: Program, baseline_steps: int) -> str:
-    """The plan in words."""
+def describe_plan(program: Program) -> str:
+    """The plan in words: each applied pass's ``describe`` hook, in order."""
+    passes = registered_passes()
     parts = []
-    if "steps" in program.applied and program.num_steps != baseline_steps:
-        placement = "equalized-error" if program.sigmas is not None else "default"
-        parts.append(f"run {program.num_steps} of {baseline_steps} sampler steps ({placement} spacing)")
-    removed = program.stats.get("prune", {}).get("removed_blocks") or []
-    if "prune" in program.applied and removed:
-        fraction = program.stats["prune"].get("removed_flops_fraction", 0.0)
-        parts.append(f"remove {len(removed)} block(s) ({', '.join(map(str, removed))}; "
-                     f"{fraction:.0%} of block FLOPs)")
-    quantized = program.stats.get("quant", {}).get("quantized") or []
-    if "quant" in program.applied and quantized:
-        resolved = program.resolved["quant"]
-        kept = program.stats["quant"].get("kept_16bit") or []
-        branch = f"rank-{resolved['rank']} 16-bit branch" if resolved.get("low_rank", True) else "no low-rank branch"
-        parts.append(f"quantize {len(quantized)} linear layers to 4 bits ({resolved['act_mode'].upper()}, "
-                     f"group {resolved['group_size']}, {branch}"
-                     + (f"; {len(kept)} most sensitive kept 16-bit" if kept else "") + ")")
-    sparse_stats = program.stats.get("sparse", {})
-    if "sparse" in program.applied and sparse_stats.get("sparse_sites"):
-        kept_share = sparse_stats.get("mean_kept_fraction")
-        dense = sparse_stats.get("dense_steps", 0)
-        parts.append(f"block-sparse attention at {len(sparse_stats['sparse_sites'])} site(s)"
-                     + (f", keeping {kept_share:.0%} of attention FLOPs" if kept_share is not None else "")
-                     + (f" (first {dense} steps dense)" if dense else ""))
-    if "cache" in program.applied and "cached" in program.variants:
-        stats = program.stats.get("cache", {})
-        resolved = program.resolved["cache"]
-        full = sum(1 for s in program.schedule if s == "full")
-        span = stats.get("span_blocks", ["?", "?"])
-        parts.append(f"compute {full} of {program.num_steps} steps fully; on the others reuse the "
-                     f"{resolved['approximation']} of blocks {span[0]}..{int(span[1]) - 1} "
-                     f"({resolved['schedule']} schedule)")
+    for name in program.applied:
+        describe = passes[name].hooks.describe if name in passes else None
+        text = describe(program.resolved[name], program.stats.get(name, {})) if describe else None
+        if text:
+            parts.append(text)
     return "; ".join(parts) or "no change (the baseline)"
+
+
+def _proposed(program: Program) -> dict[str, tuple[str, Any]]:
+    """Per ablation key, the pass proposing it and its :class:`~accelkit.passes.hooks.Ablation`."""
+    passes = registered_passes()
+    proposed: dict[str, tuple[str, Any]] = {}
+    for name in program.applied:
+        hook = passes[name].hooks.ablations if name in passes else None
+        if hook is not None:
+            proposed.update({key: (name, ablation)
+                             for key, ablation in hook(program.resolved[name], program.stats.get(name, {})).items()})
+    return proposed
+
+
+def _plan_ablations(program: Program) -> dict[str, Any]:
+    """Per ablation key, the :class:`~accelkit.passes.hooks.Ablation` the applied passes propose."""
+    return {key: ablation for key, (_, ablation) in _proposed(program).items()}
 
 
 def _ablations(evaluator: Evaluator, program: Program, resolved: dict, prompts: Sequence[str],
                baseline: torch.Tensor, seed_offset: int) -> dict[str, Any]:
-    """What each part of the chosen plan buys: each pass alone, and DP vs uniform cache schedule."""
+    """What each part of the chosen plan buys: the passes' proposed variants, and each pass alone."""
     result: dict[str, Any] = {}
-    if "cache" in resolved and "cached" in program.variants and resolved["cache"].get("schedule") == "dp":
-        uniform = dict(resolved)
-        cache = dict(uniform["cache"])
-        full_steps = len(cache["full_step_mask"])
-        cache.update(schedule="uniform", full_step_mask=None, full_fraction=full_steps / program.num_steps)
-        uniform["cache"] = cache
-        try:
-            uniform_program = _program_from_resolved(evaluator, uniform)
-            speed, _ = evaluator.speedup(uniform_program)
-            metrics, _ = evaluator.fidelity(uniform_program, prompts, baseline, seed_offset)
-            result["uniform_cache"] = {"speedup": speed, "psnr": metrics["psnr"], "ssim": metrics["ssim"],
-                                       "full_steps": full_steps}
-        except Exception as error:  # noqa: BLE001 - an ablation failing must not lose the plan
-            result["uniform_cache"] = {"error": str(error)}
+    proposed = _proposed(program)
+    plans = {key: {**resolved, name: dict(ablation.config)} for key, (name, ablation) in proposed.items()}
     if len(resolved) > 1:
-        for name in resolved:
-            try:
-                alone = _program_from_resolved(evaluator, {name: resolved[name]})
-                speed, _ = evaluator.speedup(alone)
-                metrics, _ = evaluator.fidelity(alone, prompts, baseline, seed_offset)
-                result[f"{name}_alone"] = {"speedup": speed, "psnr": metrics["psnr"], "ssim": metrics["ssim"]}
-            except Exception as error:  # noqa: BLE001
-                result[f"{name}_alone"] = {"error": str(error)}
+        plans.update({f"{name}_alone": {name: resolved[name]} for name in resolved})
+    infos = {key: dict(ablation.info) for key, (_, ablation) in proposed.items()}
+    for key, plan in plans.items():
+        try:
+            variant = _program_from_resolved(evaluator, plan)
+            speed, _ = evaluator.speedup(variant)
+            metrics, _ = evaluator.fidelity(variant, prompts, baseline, seed_offset)
+            result[key] = {"speedup": speed, "psnr": metrics["psnr"], "ssim": metrics["ssim"], **infos.get(key, {})}
+        except Exception as error:  # noqa: BLE001 - an ablation failing must not lose the plan
+            result[key] = {"error": str(error)}
     return result

@@ -3,8 +3,9 @@
 (a) No module under ``capture/``, ``search/`` or ``export/`` mentions an accelkit op by name: what they
     know about ops comes from the op registry (``accelkit/kernels/registry.py``). The forbidden names
     are derived from the registry itself, so a new op is covered the day it registers.
-    :func:`mentions` takes any list of forbidden words: :data:`FORBIDDEN_VOCABULARIES` is the hook
-    where the pass registry adds its config fields (issue #15 item 2) once passes describe themselves.
+    :func:`mentions` takes any list of forbidden words (:data:`FORBIDDEN_VOCABULARIES`): op names, and
+    the registered passes' config fields (:func:`pass_field_vocabulary`): passes describe, seed, ablate
+    and claim precision through their hooks (``accelkit/passes/hooks.py``).
 (b) The package import graph (every ``import`` in ``accelkit/**/*.py``, lazy ones inside functions
     included) runs downward through :data:`LAYERS` and has no cycle. The edges that break it today are
     listed in :data:`KNOWN_VIOLATIONS`, each with the change that removes it; a listed edge that no
@@ -45,13 +46,44 @@ def registered_op_vocabulary() -> set[str]:
     return words
 
 
+def _framework_names() -> set[str]:
+    """Names of the pass framework itself (``Program.num_steps``, ``schedule``, ``version`` ...): every
+    layer may use them, so a config field spelled the same (``StepsConfig.num_steps``) is not forbidden."""
+    import dataclasses
+
+    from accelkit.passes.base import GraphVariant, PassConfig, PassResult, Program
+
+    names: set[str] = set()
+    for kind in (Program, GraphVariant, PassResult, PassConfig):
+        names |= {f.name for f in dataclasses.fields(kind)} | {n for n in vars(kind) if not n.startswith("_")}
+    return names
+
+
 def pass_field_vocabulary() -> set[str]:
     """Pass config fields that ``capture/``, ``search/``, ``export/`` must not know (issue #15 item 2).
 
-    Empty until the pass registry provides ``describe``/seeds/ablations hooks (feat/search); then return
-    the registered configs' field names here (minus generic ones such as ``version``).
+    For every registered pass (built-in ones; a test's toy pass has no ``accelkit`` module): each field
+    as ``<pass>.<field>`` (how seeds and messages spell it), and each field whose name holds an underscore
+    (``full_step_mask``, ``act_mode``, ``kept_16bit``) as a bare word. One-word fields (``rank``, ``bits``,
+    ``score``, ``warmup``) are ordinary English and identifiers elsewhere (a tensor's rank, the timing
+    warm-up), so only their qualified form is forbidden; names of the framework itself are allowed.
     """
-    return set()
+    import dataclasses
+
+    from accelkit.passes.base import registered_passes
+
+    framework = _framework_names()
+    words: set[str] = set()
+    for name, entry in registered_passes().items():
+        if not entry.config_type.__module__.startswith("accelkit.passes."):
+            continue  # a test's toy pass registered by another test module
+        for field in dataclasses.fields(entry.config_type):
+            if field.name in framework:
+                continue
+            words.add(f"{name}.{field.name}")
+            if "_" in field.name:
+                words.add(field.name)
+    return words
 
 
 FORBIDDEN_VOCABULARIES: dict[str, Callable[[], set[str]]] = {
@@ -84,6 +116,13 @@ def test_the_op_vocabulary_comes_from_the_registry():
     # Sanity: the built-in ops are registered, so the check below is not vacuous.
     assert len(words) >= 3
     assert all(w.isidentifier() for w in words)
+
+
+def test_the_pass_field_vocabulary_comes_from_the_registered_configs():
+    words = pass_field_vocabulary()
+    # The fields search/ and export/ used to read, so the check below is not vacuous.
+    assert {"full_step_mask", "act_mode", "kept_16bit", "full_fraction", "steps.fraction", "steps.placement"} <= words
+    assert not words & {"version", "num_steps", "schedule", "rank", "fraction"}
 
 
 def test_mentions_finds_a_planted_word(tmp_path):
@@ -134,10 +173,6 @@ LAYERS: tuple[tuple[str, ...], ...] = (
 
 # (importing module, imported package) -> the change that removes the edge. Owners in brackets.
 KNOWN_VIOLATIONS: dict[tuple[str, str], str] = {
-    ("accelkit/passes/prune.py", "runtime"): "find_denoiser/bind_positional move to pipeline_io (#15 item 5)",
-    ("accelkit/passes/steps.py", "runtime"): "find_denoiser moves to pipeline_io (#15 item 5)",
-    # feat/families removes this one (loading imports pipeline_io): delete the entry when merging it.
-    ("accelkit/loading.py", "runtime"): "find_denoiser/bind_positional move to pipeline_io (#15 item 5)",
     ("accelkit/calibrate/__init__.py", "passes"): "passes get a CalibrationSource protocol (#15 item 4)",
     ("accelkit/calibrate/__init__.py", "runtime"): "generation through a CalibrationSource (#15 item 4)",
     ("accelkit/calibrate/distill.py", "passes"): "recover/distill is orchestration: workflows/ (#15 item 5)",

@@ -145,9 +145,15 @@ def test_config_is_frozen():
         config.factor = 3.0  # type: ignore[misc]
 
 
-def test_register_pass_rejects_unknown_name():
-    with pytest.raises(ValueError, match="not one of"):
-        register_pass(ScaleConfig, name="shrink")
+def test_register_pass_rejects_a_contradicting_order_and_a_bad_name():
+    # A new name is fine (the order comes from constraints), but not one that contradicts the built-ins'.
+    registered_passes()
+    saved = set(base._ORDER_EDGES)
+    with pytest.raises(ValueError, match="cycle"):
+        register_pass(ScaleConfig, name="shrink", after=("cache",), before=("steps",))
+    with pytest.raises(ValueError, match="identifier"):
+        register_pass(ScaleConfig, name="not a name")
+    assert base._ORDER_EDGES == saved and "shrink" not in registered_passes()
 
 
 def test_config_from_dict_by_name(test_passes):

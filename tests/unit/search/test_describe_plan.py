@@ -25,7 +25,7 @@ def test_baseline_weight_bytes_are_the_parameters_and_the_plan_says_no_change():
     base = _base()
     params = sum(p.numel() * p.element_size() for p in base.graph.module.parameters())
     assert params <= program_weights_bytes(base) <= params * 1.05  # plus a few constant buffers
-    assert describe_plan(base, 6) == "no change (the baseline)"
+    assert describe_plan(base) == "no change (the baseline)"
 
 
 def test_every_pass_is_described_and_pruning_and_quantization_shrink_the_weights():
@@ -41,7 +41,7 @@ def test_every_pass_is_described_and_pruning_and_quantization_shrink_the_weights
     count = sum(1 for s in sites if s.dense_reason is None)
     program, _ = run_passes(program, [SparseConfig(taus=(0.5,) * count, block_q=16, block_k=16, min_tokens=0),
                                       CacheConfig(full_fraction=0.5, schedule="uniform")], None)
-    text = describe_plan(program, 6)
+    text = describe_plan(program)
     for phrase in ("run 4 of 6 sampler steps", "remove 2 block(s) (single_transformer_blocks.0, ", "linear layers to 4 bits (W4A16, group 16, "
                    "rank-4 16-bit branch", "block-sparse attention at", "compute 2 of 4 steps fully"):
         assert phrase in text, (phrase, text)

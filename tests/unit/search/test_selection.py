@@ -10,8 +10,9 @@ import pytest
 
 from accelkit.capture import clone_graph_module
 from accelkit.passes.base import RegisteredPass, registered_passes
+from accelkit.passes.steps import fewer_steps_for
 from accelkit.search.optimize import OptimizeSettings, _choose, _prompt_sets, optimize
-from accelkit.search.space import default_trials, fewer_steps_for
+from accelkit.search.space import default_trials
 
 TINY = dict(num_prompts=1, num_val_prompts=1, num_eval_prompts=1, height=8, width=8)
 
@@ -45,7 +46,7 @@ def test_first_seeds_meet_every_reachable_budget():
 
 
 def test_seeds_skip_equalized_where_the_scheduler_cannot_place_steps():
-    seeds = default_trials(("steps",), (2.0,), num_steps=20, placements=("default",))
+    seeds = default_trials(("steps",), (2.0,), num_steps=20, facts={"steps": {"placements": ("default",)}})
     assert [s["steps.placement"] for s in seeds] == ["default"]
 
 
