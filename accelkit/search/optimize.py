@@ -915,6 +915,10 @@ def _finish(settings: OptimizeSettings, study: Any, evaluator: Evaluator, target
          "(max of FLOPs/peak and bytes/bandwidth per node); wall-clock time on a shared CPU is noise."),
         "Fidelity: PSNR/SSIM in float against the full-step baseline with the same seeds, on held-out prompts; "
         "the search itself used the calibration prompts.",
+        # Loaded plans serve other step counts by re-deriving their schedules; nothing here measured those.
+        f"Step count: fidelity was measured at each plan's own step count (baseline {settings.steps} steps); "
+        "a call with another num_inference_steps re-derives the schedule unmeasured: check it with "
+        "`accelkit run --check` or `fast.check(prompt)`.",
     ]
     notes.extend(facts["note"] for facts in _probe_facts(settings, evaluator, targets).values() if facts.get("note"))
     notes.append(f"Selection: the best {VALIDATION_TOP} feasible trials per budget were re-scored on "

@@ -87,6 +87,9 @@ def test_report_json_has_required_keys(base_run):
     for key in ("steps", "num_prompts", "seed", "device", "cost_kind"):
         assert key in settings
     assert settings["steps"] == 4 and settings["seed"] == 0 and settings["device"] == "cpu"
+    # Loaded plans re-derive schedules for other step counts: the report says what it measured.
+    assert any(note.startswith("Step count: fidelity was measured at each plan's own step count (baseline 4")
+               for note in report["notes"])
     baseline = report["baseline"]
     for key in ("cost", "latency_ms", "flops", "weights_bytes"):
         assert key in baseline
