@@ -319,7 +319,8 @@ _BASELINE_FIELDS = ("weights_hash", "passes", "steps", "seed", "generation", "ca
 COMPARED_FIELDS = {
     "optimize": _BASELINE_FIELDS + ("device",),
     # Heartbeat settings too: a worker judges the others' trials dead by its own grace period.
-    "worker": _BASELINE_FIELDS + ("device", "budgets", "evaluation_prompts", "heartbeat", "grace_period"),
+    "worker": _BASELINE_FIELDS + ("device", "budgets", "evaluation_prompts", "validation_prompts", "heartbeat",
+                                  "grace_period"),
     "report": _BASELINE_FIELDS,
 }
 MAX_RETRY = 2
@@ -332,8 +333,8 @@ def validate_settings(settings: OptimizeSettings, *, min_trials: int = 1) -> lis
         raise InputError(f"--trials must be at least {min_trials}, got {settings.trials}")
     if settings.steps < 2:
         raise InputError(f"--steps must be at least 2, got {settings.steps}")
-    if settings.num_prompts < 1 or settings.num_eval_prompts < 1:
-        raise InputError("--num-prompts and --num-eval-prompts must be at least 1")
+    if settings.num_prompts < 1 or settings.num_eval_prompts < 1 or settings.num_val_prompts < 1:
+        raise InputError("--num-prompts, --num-eval-prompts and --num-val-prompts must be at least 1")
     for name in ("height", "width"):
         value = getattr(settings, name)
         if value is not None and (value < 8 or value % 8):

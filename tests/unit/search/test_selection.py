@@ -271,3 +271,41 @@ def test_search_where_the_pass_only_hurts_returns_the_fewer_steps_plan(tmp_path,
     budget = _report(result.out)["budgets"][0]
     assert list(budget["passes"]) == ["steps"] and "did not help" in budget["verdict"]
     assert budget["fidelity"]["psnr"] == pytest.approx(budget["references"]["fewer_steps"]["psnr"])
+
+
+# ------------------------------------------------------------------ --num-val-prompts
+
+
+@pytest.mark.parametrize("command", [["optimize"], ["search", "--worker", "--storage", "sqlite:///x.db",
+                                                     "--study", "s", "--trials", "1"]])
+def test_bad_num_val_prompts_is_refused_before_loading(tmp_path, capsys, monkeypatch, command):
+    import accelkit.loading
+    from accelkit.cli.main import main
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("load_pipeline was reached")
+
+    monkeypatch.setattr(accelkit.loading, "load_pipeline", refuse)
+    monkeypatch.chdir(tmp_path)
+    assert main([*command, "zoo:shapes", "--num-val-prompts", "0", "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--num-val-prompts" in err and "\n" not in err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "x.db").exists()
+
+
+def test_num_val_prompts_is_stored_in_the_study_and_workers_must_agree(tmp_path, capsys):
+    import optuna
+
+    from accelkit.cli.main import main
+    from accelkit.search.optimize import SETTINGS_ATTR, open_storage
+
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    worker = ["search", "--worker", "--storage", storage, "--study", "v", "zoo:shapes", "--budget", "2x", "--steps",
+              "4", "--num-prompts", "1", "--num-eval-prompts", "1", "--height", "8", "--width", "8", "--quiet"]
+    assert main([*worker, "--trials", "0", "--num-val-prompts", "5"]) == 0
+    stored = json.loads(optuna.load_study(study_name="v", storage=open_storage(storage)).user_attrs[SETTINGS_ATTR])
+    assert len(stored["validation_prompts"]) == 5
+    assert not set(stored["validation_prompts"]) & set(stored["calibration_prompts"] + stored["evaluation_prompts"])
+    capsys.readouterr()
+    assert main([*worker, "--trials", "1", "--num-val-prompts", "6"]) == 2
+    assert "validation_prompts" in capsys.readouterr().err
