@@ -1072,6 +1072,9 @@ class _Choice:
                 why = f": {self.rejection}" if self.rejection else ""
                 other = (f" (best other plan {self.best_other:.1f} dB vs {self.fewer_steps_psnr:.1f} dB on "
                          f"validation prompts{why})")
+            if self.gain is not None and self.gain.mean > 0:
+                return (f"No other plan beat running {fewer} of {total} steps with {scheduler} by more than the "
+                        f"validation noise, so it is the plan{other}.")
             return (f"The other passes did not help on this model with {scheduler}: running {fewer} of {total} "
                     f"steps is the plan{other}.")
         chosen = ("" if self.fewer_steps_psnr is None else
