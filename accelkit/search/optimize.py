@@ -9,9 +9,9 @@ every budget fewer steps can reach.
 
 Three disjoint prompt sets (:func:`_prompt_sets`): trials are scored on calibration prompts; per budget
 the best :data:`VALIDATION_TOP` feasible trials are re-scored on validation prompts, and one is chosen
-only if it scores above the fewer-steps plan meeting the same budget there; otherwise the plan *is*
-that fewer-steps plan and the report says in words that the other passes did not help. The chosen plan
-becomes ``OUT/plans/<budget>/`` and is evaluated on the evaluation prompts (used for nothing else)
+only if its per-prompt gain over the fewer-steps plan meeting the same budget is significant there
+(:class:`PairedGain`); otherwise the plan *is* that fewer-steps plan and the report says in words why.
+The chosen plan becomes ``OUT/plans/<budget>/`` and is evaluated on the evaluation prompts (used for nothing else)
 against the baseline and the fewer-steps reference; everything goes into ``OUT/report/``.
 
 The setup (model, prompts, capture, calibrator, baseline, evaluator, study) is :func:`prepare_search`,
