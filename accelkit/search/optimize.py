@@ -11,8 +11,8 @@ Three disjoint prompt sets (:func:`_prompt_sets`): trials are scored on calibrat
 the best :data:`VALIDATION_TOP` feasible trials are re-scored on validation prompts, and one is chosen
 only if its per-prompt gain over the fewer-steps plan meeting the same budget is significant there
 (:class:`PairedGain`); otherwise the plan *is* that fewer-steps plan and the report says in words why.
-The chosen plan becomes ``OUT/plans/<budget>/`` and is evaluated on the evaluation prompts (used for nothing else)
-against the baseline and the fewer-steps reference; everything goes into ``OUT/report/``.
+The chosen plan becomes ``OUT/plans/<budget>/`` and is evaluated on the evaluation prompts (used for
+nothing else) against the baseline and the fewer-steps reference; everything goes into ``OUT/report/``.
 
 The setup (model, prompts, capture, calibrator, baseline, evaluator, study) is :func:`prepare_search`,
 shared by ``accelkit optimize`` and by distributed workers (``accelkit search --worker``, see
@@ -972,7 +972,7 @@ MIN_VALIDATION_PROMPTS = 4
 
 
 class _Validation:
-    """Per-prompt PSNR on the validation prompts (seeds apart from calibration and evaluation), memoised per plan."""
+    """Per-prompt PSNR on the validation prompts (seeds apart from calibration and evaluation), per plan."""
 
     def __init__(self, evaluator: Evaluator, prompts: list[str]) -> None:
         self.evaluator, self.prompts = evaluator, prompts
