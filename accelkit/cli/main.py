@@ -241,6 +241,9 @@ def _add_search_options(parser: argparse.ArgumentParser, *, worker: bool = False
     parser.add_argument("--eval-prompts", metavar="FILE",
                         help="held-out evaluation prompts (default: a held-out split of the built-in set)")
     parser.add_argument("--num-eval-prompts", type=int, default=8, help="evaluation prompts (default: 8)")
+    parser.add_argument("--num-val-prompts", type=int, default=8,
+                        help="validation prompts the best trials per budget are re-scored on before one is chosen "
+                             "(default: 8; a plan replaces fewer steps only on a significant gain over at least 4)")
     parser.add_argument("--seed", type=int, default=0, help="base seed (default: 0)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     parser.add_argument("--cost", default="roofline", choices=["roofline", "latency"],
@@ -283,7 +286,8 @@ def _settings_from_args(args: argparse.Namespace) -> Any:
         parse_budget(budget)
     return OptimizeSettings(
         model=args.model, budgets=budgets, passes=parse_passes(args.passes), trials=args.trials, steps=args.steps,
-        num_prompts=args.num_prompts, num_eval_prompts=args.num_eval_prompts, prompts_file=args.prompts,
+        num_prompts=args.num_prompts, num_eval_prompts=args.num_eval_prompts,
+        num_val_prompts=args.num_val_prompts, prompts_file=args.prompts,
         eval_prompts_file=args.eval_prompts, seed=args.seed, device=args.device, cost=args.cost,
         cost_target=args.cost_target, min_psnr=args.min_psnr, storage=args.storage, study=args.study,
         out=args.out, height=args.height, width=args.width, guidance_scale=args.guidance_scale,

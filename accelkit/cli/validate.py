@@ -129,6 +129,7 @@ def validate_args(args: argparse.Namespace) -> None:
         check_device(args.device)
         check_at_least(args.num_prompts, "--num-prompts", 1)
         check_at_least(args.num_eval_prompts, "--num-eval-prompts", 1)
+        check_at_least(args.num_val_prompts, "--num-val-prompts", 1)
         check_finite(args.min_psnr, "--min-psnr")
         check_text_file(args.prompts, "--prompts")
         check_text_file(args.eval_prompts, "--eval-prompts")

@@ -9,10 +9,10 @@ between two passes, from the passes' seed hooks (:func:`accelkit.search.space.de
 
 Three disjoint prompt sets (:func:`_prompt_sets`): trials are scored on calibration prompts; per budget
 the best :data:`VALIDATION_TOP` feasible trials are re-scored on validation prompts, and one is chosen
-only if it scores above the fewer-steps plan meeting the same budget there; otherwise the plan *is*
-that fewer-steps plan and the report says in words that the other passes did not help. The chosen plan
-becomes ``OUT/plans/<budget>/`` and is evaluated on the evaluation prompts (used for nothing else)
-against the baseline and the fewer-steps reference; everything goes into ``OUT/report/``.
+only if its per-prompt gain over the fewer-steps plan meeting the same budget is significant there
+(:class:`PairedGain`); otherwise the plan *is* that fewer-steps plan and the report says in words why.
+The chosen plan becomes ``OUT/plans/<budget>/`` and is evaluated on the evaluation prompts (used for
+nothing else) against the baseline and the fewer-steps reference; everything goes into ``OUT/report/``.
 
 The setup (model, prompts, capture, calibrator, baseline, evaluator, study) is :func:`prepare_search`,
 shared by ``accelkit optimize`` and by distributed workers (``accelkit search --worker``, see
@@ -97,7 +97,7 @@ class OptimizeSettings:
     num_prompts: int = 8
     num_eval_prompts: int = 8
     #: Prompts the best few trials per budget are re-scored on before one is chosen.
-    num_val_prompts: int = 4
+    num_val_prompts: int = 8
     prompts_file: str | None = None
     eval_prompts_file: str | None = None
     seed: int = 0
@@ -323,7 +323,8 @@ _BASELINE_FIELDS = ("weights_hash", "passes", "steps", "seed", "generation", "ca
 COMPARED_FIELDS = {
     "optimize": _BASELINE_FIELDS + ("device",),
     # Heartbeat settings too: a worker judges the others' trials dead by its own grace period.
-    "worker": _BASELINE_FIELDS + ("device", "budgets", "evaluation_prompts", "heartbeat", "grace_period"),
+    "worker": _BASELINE_FIELDS + ("device", "budgets", "evaluation_prompts", "validation_prompts", "heartbeat",
+                                  "grace_period"),
     "report": _BASELINE_FIELDS,
 }
 MAX_RETRY = 2
@@ -336,8 +337,8 @@ def validate_settings(settings: OptimizeSettings, *, min_trials: int = 1) -> lis
         raise InputError(f"--trials must be at least {min_trials}, got {settings.trials}")
     if settings.steps < 2:
         raise InputError(f"--steps must be at least 2, got {settings.steps}")
-    if settings.num_prompts < 1 or settings.num_eval_prompts < 1:
-        raise InputError("--num-prompts and --num-eval-prompts must be at least 1")
+    if settings.num_prompts < 1 or settings.num_eval_prompts < 1 or settings.num_val_prompts < 1:
+        raise InputError("--num-prompts, --num-eval-prompts and --num-val-prompts must be at least 1")
     for name in ("height", "width"):
         value = getattr(settings, name)
         if value is not None and (value < 8 or value % 8):
@@ -923,7 +924,9 @@ def _finish(settings: OptimizeSettings, study: Any, evaluator: Evaluator, target
     notes.extend(facts["note"] for facts in _probe_facts(settings, evaluator, targets).values() if facts.get("note"))
     notes.append(f"Selection: the best {VALIDATION_TOP} feasible trials per budget were re-scored on "
                  f"{len(validation_prompts)} validation prompts (disjoint from calibration and evaluation); a plan "
-                 "is chosen only if it scores at least the fewer-steps plan meeting the same budget there.")
+                 "replaces the fewer-steps plan meeting the same budget only if its per-prompt PSNR gain over it "
+                 f"there exceeds {SIGNIFICANCE_STANDARD_ERRORS:g} standard errors, on at least "
+                 f"{MIN_VALIDATION_PROMPTS} prompts.")
     if failed:
         notes.append(f"{len(failed)} trial(s) failed or were pruned: "
                      + "; ".join(f"#{t.number}: {t.user_attrs.get('error', t.state.name)}" for t in failed[:5]))
@@ -943,16 +946,21 @@ def _finish(settings: OptimizeSettings, study: Any, evaluator: Evaluator, target
 #: Feasible trials per budget re-scored on the validation prompts (best calibration PSNR first).
 VALIDATION_TOP = 3
 VALIDATION_SEED_OFFSET = 5_000
+#: A plan replaces the fewer-steps plan only if its mean per-prompt PSNR gain on the validation
+#: prompts exceeds this many standard errors of that gain (paired: same prompts and seeds), ...
+SIGNIFICANCE_STANDARD_ERRORS = 2.0
+#: ... measured on at least this many validation prompts (fewer cannot estimate the spread).
+MIN_VALIDATION_PROMPTS = 4
 
 
 class _Validation:
-    """PSNR on the validation prompts (seeds apart from calibration and evaluation), memoised per plan."""
+    """Per-prompt PSNR on the validation prompts (seeds apart from calibration and evaluation), per plan."""
 
     def __init__(self, evaluator: Evaluator, prompts: list[str]) -> None:
         self.evaluator, self.prompts = evaluator, prompts
         self._baseline: torch.Tensor | None = None
         self._programs: dict[str, Program] = {}
-        self._scores: dict[tuple, float] = {}
+        self._scores: dict[tuple, list[float]] = {}
 
     def program(self, resolved: dict[str, Any]) -> Program:
         key = json.dumps(resolved, sort_keys=True, default=repr)
@@ -968,7 +976,8 @@ class _Validation:
         return (program.num_steps, program.sigmas, program.timestep_kind, program.schedule,
                 json.dumps(acting, sort_keys=True, default=repr))
 
-    def psnr(self, resolved: dict[str, Any]) -> float:
+    def per_prompt(self, resolved: dict[str, Any]) -> list[float]:
+        """PSNR of each validation prompt, in prompt order."""
         key = self.signature(resolved)
         if key not in self._scores:
             if self._baseline is None:
@@ -976,8 +985,49 @@ class _Validation:
                     self.evaluator.base, self.prompts, seed_offset=VALIDATION_SEED_OFFSET).images
             metrics, _ = self.evaluator.fidelity(self.program(resolved), self.prompts, self._baseline,
                                                  VALIDATION_SEED_OFFSET)
-            self._scores[key] = float(metrics["psnr"])
+            self._scores[key] = [float(v) for v in metrics["per_image"]["psnr"]]
         return self._scores[key]
+
+    def psnr(self, resolved: dict[str, Any]) -> float:
+        return _mean(self.per_prompt(resolved))
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values)
+
+
+@dataclass(frozen=True)
+class PairedGain:
+    """A plan's per-prompt PSNR gain over the fewer-steps plan on the same validation prompts and seeds."""
+
+    mean: float
+    standard_error: float | None  # None with a single prompt
+    prompts: int
+
+    @classmethod
+    def of(cls, candidate: Sequence[float], reference: Sequence[float]) -> PairedGain:
+        gains = [a - b for a, b in zip(candidate, reference, strict=True)]
+        mean = _mean(gains)
+        if len(gains) < 2:
+            return cls(mean, None, len(gains))
+        variance = sum((g - mean) ** 2 for g in gains) / (len(gains) - 1)
+        return cls(mean, math.sqrt(variance / len(gains)), len(gains))
+
+    def rejection(self) -> str | None:
+        """Why this gain does not show the plan is better (None: it does)."""
+        if self.mean <= 0:
+            return f"it scores {self.mean:+.2f} dB per prompt there"
+        if self.prompts < MIN_VALIDATION_PROMPTS or self.standard_error is None:
+            return (f"{self.prompts} validation prompt(s) cannot tell a {self.mean:+.2f} dB gain from noise "
+                    f"(at least {MIN_VALIDATION_PROMPTS} needed; raise --num-val-prompts)")
+        if self.mean <= SIGNIFICANCE_STANDARD_ERRORS * self.standard_error:
+            return (f"its gain of {self.mean:+.2f} ± {self.standard_error:.2f} dB (standard error over "
+                    f"{self.prompts} prompts) is within {SIGNIFICANCE_STANDARD_ERRORS:g} standard errors of zero")
+        return None
+
+    def describe(self) -> str:
+        spread = "" if self.standard_error is None else f" ± {self.standard_error:.2f}"
+        return f"{self.mean:+.2f}{spread} dB per prompt over {self.prompts} validation prompts"
 
 
 @dataclass
@@ -990,16 +1040,28 @@ class _Choice:
     best_other: float | None  # validation PSNR of the best trial that is not the fewer-steps plan
     fewer_steps_psnr: float | None  # validation PSNR of the fewer-steps plan
     log: str
+    #: The chosen (or, when the plan is fewer steps, the best rejected) plan's paired gain on validation.
+    gain: PairedGain | None = None
+    #: Why the best other plan was not taken over the fewer-steps plan.
+    rejection: str | None = None
 
     def verdict(self, scheduler: str, fewer: int, total: int, psnr: float, fewer_psnr: float) -> str:
         """The choice in words, for the report."""
         if self.is_fewer_steps:
-            other = (f" (best other plan {self.best_other:.1f} dB vs {self.fewer_steps_psnr:.1f} dB on validation "
-                     "prompts)" if self.best_other is not None else " (no other plan met this budget)")
+            if self.best_other is None:
+                other = " (no other plan met this budget)"
+            else:
+                why = f": {self.rejection}" if self.rejection else ""
+                other = (f" (best other plan {self.best_other:.1f} dB vs {self.fewer_steps_psnr:.1f} dB on "
+                         f"validation prompts{why})")
+            if self.gain is not None and self.gain.mean > 0:
+                return (f"No other plan beat running {fewer} of {total} steps with {scheduler} by more than the "
+                        f"validation noise, so it is the plan{other}.")
             return (f"The other passes did not help on this model with {scheduler}: running {fewer} of {total} "
                     f"steps is the plan{other}.")
         chosen = ("" if self.fewer_steps_psnr is None else
-                  f"chosen on validation prompts, {self.best_other:.1f} vs {self.fewer_steps_psnr:.1f} dB")
+                  f"chosen on validation prompts, {self.best_other:.1f} vs {self.fewer_steps_psnr:.1f} dB"
+                  + (f", {self.gain.describe()}" if self.gain is not None else ""))
         gain = psnr - fewer_psnr
         if gain >= 0:
             return (f"Beats running {fewer} of {total} steps with {scheduler} by {gain:+.1f} dB on held-out prompts "
@@ -1016,8 +1078,11 @@ def _choose(evaluator: Evaluator, feasible: Sequence[Any], fewer_steps: dict[str
 
     ``fewer_steps`` is the resolved plan of the most sampler steps alone meeting the budget (None
     when fewer steps cannot reach it). Trials that run the same program as it do not take a place
-    among the :data:`VALIDATION_TOP` re-scored; a trial must score above its validation PSNR to be
-    chosen; otherwise the plan is the fewer-steps plan itself.
+    among the :data:`VALIDATION_TOP` re-scored. A trial replaces the fewer-steps plan only if its
+    per-prompt gain over it on validation is significant (:meth:`PairedGain.rejection`: positive,
+    above :data:`SIGNIFICANCE_STANDARD_ERRORS` standard errors, on at least
+    :data:`MIN_VALIDATION_PROMPTS` prompts); among those that pass, the largest mean gain wins.
+    Otherwise the plan is the fewer-steps plan itself, and ``rejection`` says why the best other lost.
     """
     reference = validation.signature(fewer_steps) if fewer_steps is not None else None
     others = [t for t in feasible if reference is None or validation.signature(t.user_attrs["passes"]) != reference]
@@ -1030,15 +1095,21 @@ def _choose(evaluator: Evaluator, feasible: Sequence[Any], fewer_steps: dict[str
         score, trial = best_other
         return _Choice(trial.user_attrs["passes"], trial.number, False, score, None,
                        f"validation: trial #{trial.number} {score:.2f} dB (fewer steps cannot reach the budget)")
-    fewer_score = validation.psnr(fewer_steps)
-    line = ", ".join(f"#{t.number} {score:.2f} dB" for score, t in scored)
+    fewer_prompts = validation.per_prompt(fewer_steps)
+    fewer_score = _mean(fewer_prompts)
+    gains = [(PairedGain.of(validation.per_prompt(t.user_attrs["passes"]), fewer_prompts), score, t)
+             for score, t in scored]
+    line = ", ".join(f"#{t.number} {score:.2f} dB ({gain.describe()})" for gain, score, t in gains)
     log = f"validation: fewer steps {fewer_score:.2f} dB; top other trials {line or 'none'}"
-    if best_other is not None and best_other[0] > fewer_score:
-        score, trial = best_other
-        return _Choice(trial.user_attrs["passes"], trial.number, False, score, fewer_score, log)
+    significant = [entry for entry in gains if entry[0].rejection() is None]
+    if significant:
+        gain, score, trial = max(significant, key=lambda entry: entry[0].mean)
+        return _Choice(trial.user_attrs["passes"], trial.number, False, score, fewer_score, log, gain)
     same = next((t for t in feasible if validation.signature(t.user_attrs["passes"]) == reference), None)
+    best = max(gains, key=lambda entry: entry[1], default=None)
     return _Choice(fewer_steps, same.number if same is not None else None, True,
-                   best_other[0] if best_other else None, fewer_score, log)
+                   best[1] if best else None, fewer_score, log,
+                   best[0] if best else None, best[0].rejection() if best else None)
 
 
 def program_weights_bytes(program: Program) -> int:

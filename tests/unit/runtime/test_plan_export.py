@@ -21,7 +21,14 @@ def cache_plan(tmp_path_factory):
     # beats the fewer-steps plan (5 of 6 steps), which optimize would otherwise choose instead.
     settings = OptimizeSettings(model="zoo:shapes", budgets=("1.1x",), passes=("cache",), trials=2, steps=6,
                                 num_prompts=1, num_eval_prompts=1, out=str(out))
-    result = optimize(settings)
+    # This fixture needs a cache plan, not a selection test: on 8 validation prompts the cache trial's gain
+    # over 5 of 6 steps is within the noise, so take any positive mean gain (the selection rule before the
+    # significance test).
+    from accelkit.search import optimize as module
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(module, "SIGNIFICANCE_STANDARD_ERRORS", 0.0)
+        result = optimize(settings)
     assert result.outcomes[0].plan_dir is not None, result.outcomes[0].message
     return out
 

@@ -11,7 +11,14 @@ import pytest
 from accelkit.capture import clone_graph_module
 from accelkit.passes.base import RegisteredPass, registered_passes
 from accelkit.passes.steps import fewer_steps_for
-from accelkit.search.optimize import OptimizeSettings, _choose, _prompt_sets, optimize
+from accelkit.search.optimize import (
+    MIN_VALIDATION_PROMPTS,
+    OptimizeSettings,
+    PairedGain,
+    _choose,
+    _prompt_sets,
+    optimize,
+)
 from accelkit.search.space import default_trials
 
 TINY = dict(num_prompts=1, num_val_prompts=1, num_eval_prompts=1, height=8, width=8)
@@ -92,11 +99,18 @@ def test_generic_prompts_only_without_user_prompts(tmp_path):
 
 
 class _FakeValidation:
+    """Validation scores per plan: a number (the same PSNR on each of 4 prompts) or per-prompt PSNRs."""
+
     def __init__(self, scores):
         self.scores = scores
 
+    def per_prompt(self, resolved):
+        score = self.scores[json.dumps(resolved, sort_keys=True)]
+        return list(score) if isinstance(score, list | tuple) else [score] * MIN_VALIDATION_PROMPTS
+
     def psnr(self, resolved):
-        return self.scores[json.dumps(resolved, sort_keys=True)]
+        values = self.per_prompt(resolved)
+        return sum(values) / len(values)
 
     def signature(self, resolved):
         return json.dumps(resolved, sort_keys=True)
@@ -130,6 +144,60 @@ def test_choose_never_returns_a_plan_below_fewer_steps_on_validation():
     # fewer steps cannot reach it: the best validated trial, or nothing
     assert _choose(None, trials, None, _FakeValidation(scores)).trial == 1
     assert _choose(None, [], None, _FakeValidation(scores)).resolved is None
+
+
+def _plans_with_validation(fewer_scores, candidate_scores):
+    fewer = {"steps": {"num_steps": 5}}
+    placed = {"steps": {"num_steps": 5, "sigmas": [1.0, 0.5, 0.2, 0.1, 0.05]}}
+    scores = {json.dumps(fewer, sort_keys=True): fewer_scores, json.dumps(placed, sort_keys=True): candidate_scores}
+    return fewer, placed, _FakeValidation(scores)
+
+
+def test_a_noisy_small_validation_gain_keeps_fewer_steps():
+    """+1.2 dB on average, but two prompts gain a lot and the others lose: within the noise."""
+    fewer_scores = [28.0, 29.0, 30.0, 27.0, 28.5, 29.5, 28.0, 28.8]
+    candidate = [33.0, 24.5, 35.0, 26.0, 27.0, 34.0, 25.5, 33.4]
+    fewer, placed, validation = _plans_with_validation(fewer_scores, candidate)
+    gain = PairedGain.of(candidate, fewer_scores)
+    assert gain.mean == pytest.approx(1.2) and gain.mean < 2 * gain.standard_error
+    choice = _choose(None, [_trial(3, 35.0, placed)], fewer, validation)
+    assert choice.is_fewer_steps and choice.resolved == fewer and choice.best_other == pytest.approx(29.8)
+    verdict = choice.verdict("FlowMatchEulerDiscreteScheduler", 5, 20, 30.5, 30.5)
+    assert "more than the validation noise" in verdict and "within 2 standard errors" in verdict
+    assert "+1.20 ±" in verdict
+
+
+def test_a_consistent_validation_gain_replaces_fewer_steps():
+    """A smaller mean gain (+0.6 dB) than the noisy one, but on every prompt: taken."""
+    fewer_scores = [28.0, 29.0, 30.0, 27.0, 28.5, 29.5, 28.0, 28.8]
+    candidate = [v + g for v, g in zip(fewer_scores, [0.5, 0.7, 0.6, 0.4, 0.8, 0.6, 0.5, 0.7], strict=True)]
+    fewer, placed, validation = _plans_with_validation(fewer_scores, candidate)
+    choice = _choose(None, [_trial(3, 35.0, placed)], fewer, validation)
+    assert not choice.is_fewer_steps and choice.trial == 3 and choice.resolved == placed
+    assert choice.gain.mean == pytest.approx(0.6) and choice.gain.mean > 2 * choice.gain.standard_error
+    assert "+0.60 ±" in choice.verdict("X", 5, 20, 31.0, 30.0)
+
+
+def test_too_few_validation_prompts_keep_fewer_steps_and_say_so():
+    fewer_scores, candidate = [28.0, 29.0, 30.0], [31.0, 32.0, 33.0]  # +3 dB on each, but only 3 prompts
+    fewer, placed, validation = _plans_with_validation(fewer_scores, candidate)
+    choice = _choose(None, [_trial(3, 35.0, placed)], fewer, validation)
+    assert choice.is_fewer_steps and "3 validation prompt(s)" in choice.rejection
+    assert "--num-val-prompts" in choice.verdict("X", 5, 20, 30.0, 30.0)
+    assert PairedGain.of([31.0], [28.0]).rejection() is not None  # one prompt: no spread to judge
+
+
+def test_significant_candidates_win_by_mean_gain_not_by_mean_psnr():
+    """Among the re-scored trials, a noisy leader does not block a consistent runner-up."""
+    fewer = {"steps": {"num_steps": 5}}
+    noisy = {"steps": {"num_steps": 5}, "cache": {"full_fraction": 0.9}}
+    steady = {"steps": {"num_steps": 5}, "cache": {"full_fraction": 0.8}}
+    base = [28.0, 29.0, 30.0, 27.0]
+    scores = {json.dumps(fewer, sort_keys=True): base,
+              json.dumps(noisy, sort_keys=True): [36.0, 25.0, 37.0, 26.0],
+              json.dumps(steady, sort_keys=True): [v + 1.0 + 0.1 * i for i, v in enumerate(base)]}
+    choice = _choose(None, [_trial(1, 31.0, noisy), _trial(2, 30.0, steady)], fewer, _FakeValidation(scores))
+    assert choice.trial == 2 and "#1" in choice.log and "#2" in choice.log
 
 
 # ------------------------------------------------------------------ end to end on zoo:shapes
@@ -195,11 +263,51 @@ def test_search_where_the_pass_only_hurts_returns_the_fewer_steps_plan(tmp_path,
     patched = RegisteredPass(entry.name, entry.config_type, hurting)
     monkeypatch.setitem(base._REGISTRY, entry.config_type, patched)
     monkeypatch.setitem(base._BY_NAME, entry.name, patched)
+    # enough validation prompts that the rule could take the cache plan: only its scores keep fewer steps
+    settings = {**TINY, "num_val_prompts": MIN_VALIDATION_PROMPTS}
     result = optimize(OptimizeSettings(model="zoo:shapes", budgets=("2x",), passes=("cache",), trials=2, steps=6,
-                                       out=str(tmp_path / "out"), **TINY), progress=False)
+                                       out=str(tmp_path / "out"), **settings), progress=False)
     assert result.exit_code == 0 and result.outcomes[0].met
     plan = json.loads((result.out / "plans" / "2x" / "plan.json").read_text())
     assert plan["num_steps"] == 3 and set(plan["schedule"]) == {"full"}
     budget = _report(result.out)["budgets"][0]
     assert list(budget["passes"]) == ["steps"] and "did not help" in budget["verdict"]
     assert budget["fidelity"]["psnr"] == pytest.approx(budget["references"]["fewer_steps"]["psnr"])
+
+
+# ------------------------------------------------------------------ --num-val-prompts
+
+
+@pytest.mark.parametrize("command", [["optimize"], ["search", "--worker", "--storage", "sqlite:///x.db",
+                                                     "--study", "s", "--trials", "1"]])
+def test_bad_num_val_prompts_is_refused_before_loading(tmp_path, capsys, monkeypatch, command):
+    import accelkit.loading
+    from accelkit.cli.main import main
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("load_pipeline was reached")
+
+    monkeypatch.setattr(accelkit.loading, "load_pipeline", refuse)
+    monkeypatch.chdir(tmp_path)
+    assert main([*command, "zoo:shapes", "--num-val-prompts", "0", "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--num-val-prompts" in err and "\n" not in err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "x.db").exists()
+
+
+def test_num_val_prompts_is_stored_in_the_study_and_workers_must_agree(tmp_path, capsys):
+    import optuna
+
+    from accelkit.cli.main import main
+    from accelkit.search.optimize import SETTINGS_ATTR, open_storage
+
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    worker = ["search", "--worker", "--storage", storage, "--study", "v", "zoo:shapes", "--budget", "2x", "--steps",
+              "4", "--num-prompts", "1", "--num-eval-prompts", "1", "--height", "8", "--width", "8", "--quiet"]
+    assert main([*worker, "--trials", "0", "--num-val-prompts", "5"]) == 0
+    stored = json.loads(optuna.load_study(study_name="v", storage=open_storage(storage)).user_attrs[SETTINGS_ATTR])
+    assert len(stored["validation_prompts"]) == 5
+    assert not set(stored["validation_prompts"]) & set(stored["calibration_prompts"] + stored["evaluation_prompts"])
+    capsys.readouterr()
+    assert main([*worker, "--trials", "1", "--num-val-prompts", "6"]) == 2
+    assert "validation_prompts" in capsys.readouterr().err
