@@ -169,7 +169,7 @@ def measure_variant_latency(
             for index in range(warmup + repeats):
                 synchronize()
                 start = time.perf_counter()
-                executor._module(name)(*flat)
+                executor._module(variant.module)(*flat)
                 synchronize()
                 if index >= warmup:
                     times.append(time.perf_counter() - start)
