@@ -1,11 +1,12 @@
-"""Every image family through every command, on tiny real diffusers pipelines saved to folders.
+"""Every image and video family through every command, on tiny real diffusers pipelines saved to folders.
 
-Fast tier (default suite): the new capture paths (nested tensors, a call argument the family needs, lists
-of latents) and the one-line refusal of a family accelkit cannot capture. Slow tier: per family
-``inspect``, ``optimize --passes steps,cache --budget 2x`` (met, report written), ``optimize --passes
-prune``, and ``export`` + ``run --backend onnxruntime`` of a cache plan; the results are written as the
-support matrix (docs/support-matrix.md) that the README includes between its markers; the default suite
-sweeps two families, ``ACCELKIT_FAMILY_MATRIX=1 ACCELKIT_UPDATE_MATRIX=1`` all of them and rewrites it.
+Fast tier: the new capture paths (nested tensors, a call argument the family needs, lists of latents,
+prompts of other lengths) and the one-line refusal of a family accelkit cannot capture. Slow tier (run by
+the default suite and CI): per family, image and video, ``inspect``, ``optimize --passes steps,cache
+--budget 2x`` (met, report written), ``optimize --passes prune``, and ``export`` + ``run --backend
+onnxruntime`` of a cache plan; the results are the support matrix (docs/support-matrix.md) that the README
+includes between its markers (``ACCELKIT_UPDATE_MATRIX=1`` rewrites both). ``ACCELKIT_FAMILY_SWEEP=a,b``
+runs only the named families (for a quick look; the matrix check then skips).
 """
 
 from __future__ import annotations
@@ -17,29 +18,32 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch.utils import _pytree as pytree
 
 from accelkit.cli.main import main
 from tests.fixtures.families import FAMILY_CALL, IMAGE_FAMILIES, build_family_pipeline, saved_family_folder
+from tests.fixtures.video_families import VIDEO_CALL, VIDEO_FAMILIES, saved_video_pipeline_folder
 
 ROOT = Path(__file__).resolve().parents[3]
 MATRIX_FILE = ROOT / "docs" / "support-matrix.md"
 README = ROOT / "README.md"
 MARKERS = ("<!-- support-matrix:start -->", "<!-- support-matrix:end -->")
 COMMANDS = ("inspect", "steps,cache 2x", "prune", "export onnx", "run onnxruntime")
+FAMILIES = (*IMAGE_FAMILIES, *VIDEO_FAMILIES)
 # Families torch.export cannot capture yet, with the one-line reason users get (exit 2).
 UNSUPPORTED = {"lumina2": "unhashable type: non-nested SymInt"}
 # Families whose text tokens are as long as the prompt: the calibration, evaluation and ``run`` prompts
 # differ in token count, so these run on programs the runtime derives per new input shapes.
 PROMPT_LENGTH_TOKENS = {"zimage", "qwenimage"}
 # Known failures of one command, reason as measured.
-KNOWN_FAILURES = {("sana", "export onnx"): "onnxruntime output is NaN where PyTorch's is finite (not investigated)"}
+KNOWN_FAILURES: dict[tuple[str, str], str] = {}
 RESULTS: dict[str, dict[str, str]] = {}
-# The whole sweep takes ~25 min on 2 cores: the default suite runs two families that cover the UNet, a
-# nested dict input (SDXL) and a fixed timestep scale (AuraFlow); ACCELKIT_FAMILY_MATRIX=1 runs them all.
-SWEEP = IMAGE_FAMILIES if os.environ.get("ACCELKIT_FAMILY_MATRIX") == "1" else ("sdxl", "auraflow")
+_ONLY = os.environ.get("ACCELKIT_FAMILY_SWEEP")
+SWEEP = tuple(_ONLY.split(",")) if _ONLY else FAMILIES
 
 
 def _cli(*argv: str, stdout: io.StringIO | None = None) -> tuple[int, str]:
@@ -50,9 +54,15 @@ def _cli(*argv: str, stdout: io.StringIO | None = None) -> tuple[int, str]:
     return code, err.getvalue()
 
 
+def _call(name: str) -> dict:
+    return VIDEO_CALL[name] if name in VIDEO_CALL else FAMILY_CALL[name]
+
+
 def _generation_args(name: str) -> list[str]:
-    call = FAMILY_CALL[name]
+    call = _call(name)
     args = ["--height", str(call["height"]), "--width", str(call["width"])]
+    if "num_frames" in call:
+        args += ["--num-frames", str(call["num_frames"])]
     for key, value in call["call_args"].items():
         args += ["--call-arg", f"{key}={json.dumps(value)}"]
     return args
@@ -67,6 +77,12 @@ def _optimize(folder: Path, out: Path, name: str, passes: str, budget: str, tria
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("families")
+
+
+def _saved_folder(name: str, root: Path) -> Path:
+    if name in VIDEO_FAMILIES:
+        return saved_video_pipeline_folder(name, root)
+    return saved_family_folder(name, root)
 
 
 # ------------------------------------------------------------------------------------------------ fast tier
@@ -191,11 +207,23 @@ def _run_family(name: str, folder: Path, out_root: Path, status: dict) -> None:
     written = (out / "report" / "index.html").is_file() and (out / "plans" / "2x" / "plan.json").is_file()
     _Step(status, "steps,cache 2x").check(code == 0 and written, err)
     chosen = _report_budget(out, "2x")
+    if name in VIDEO_FAMILIES:  # fidelity over every frame, and motion
+        frames = _call(name)["num_frames"]
+        assert chosen["fidelity"]["frames"] == frames and chosen["fidelity"]["temporal_psnr"] > 0, chosen
+        assert "temporal PSNR" in (out / "report" / "index.html").read_text()
+        assert json.loads((out / "plans" / "2x" / "plan.json").read_text())["generation"]["num_frames"] == frames
+        # one frame strip per prompt: at most 8 frames side by side, 2-pixel gaps
+        shown, call = min(frames, 8), _call(name)
+        strip = Image.open(out / "report" / chosen["images"]["baseline"][0])
+        assert strip.size == (shown * call["width"] + 2 * (shown - 1), call["height"])
     bench["steps_cache_2x"] = {"psnr": chosen["fidelity"]["psnr"], "summary": chosen["plan_summary"],
                                "fewer_steps_psnr": chosen["references"]["fewer_steps"]["psnr"]}
-    code, err = _optimize(folder, out_root / f"{name}-prune", name, "prune", "1.2x")
+    prune_out = out_root / f"{name}-prune"
+    code, err = _optimize(folder, prune_out, name, "prune", "1.2x")
     # exit 3 (budget not met) is a result of the search, not a failure of the command
     _Step(status, "prune").check(code in (0, 3), err, "yes" if code == 0 else "runs (1.2x not met)")
+    if code == 0:
+        assert json.loads((prune_out / "plans" / "1.2x" / "plan.json").read_text())["passes"]["prune"]["removed_blocks"]
     cache_out = out_root / f"{name}-cache"
     code, err = _optimize(folder, cache_out, name, "cache", "1.1x", trials=3)
     plan_file = cache_out / "plans" / "1.1x" / "plan.json"
@@ -216,6 +244,15 @@ def _run_family(name: str, folder: Path, out_root: Path, status: dict) -> None:
     code, err = _cli("run", str(cache_out), "--budget", "1.1x", "--backend", "onnxruntime", "--prompt", "a red circle",
                      "--output", str(image))
     _Step(status, "run onnxruntime").check(code == 0 and image.is_file(), err)
+    if name in VIDEO_FAMILIES:  # a video comes back as its frames side by side, as PyTorch makes it
+        call = _call(name)
+        assert Image.open(image).size == (call["num_frames"] * call["width"], call["height"])
+        torch_image = cache_out / "run-pytorch.png"
+        code, err = _cli("run", str(cache_out), "--budget", "1.1x", "--backend", "pytorch", "--prompt",
+                         "a red circle", "--output", str(torch_image))
+        assert code == 0, err
+        pixels = [np.asarray(Image.open(p), dtype=np.int16) for p in (image, torch_image)]
+        assert np.abs(pixels[0] - pixels[1]).max() <= 3
     bench["all_commands_seconds"] = round(time.perf_counter() - started)
 
 
@@ -223,7 +260,7 @@ def _run_family(name: str, folder: Path, out_root: Path, status: dict) -> None:
 @pytest.mark.parametrize("name", SWEEP)
 def test_family_through_every_command(folders, tmp_path, name):
     status = RESULTS.setdefault(name, {})
-    _run_family(name, saved_family_folder(name, folders), tmp_path, status)
+    _run_family(name, _saved_folder(name, folders), tmp_path, status)
     if name in UNSUPPORTED:
         assert UNSUPPORTED[name] in status["inspect"]
     else:
@@ -238,12 +275,13 @@ def _short(cell: str) -> str:
 
 def render_matrix(results: dict[str, dict[str, str]]) -> str:
     """One row per family: each command's outcome, and why where it is not "yes"."""
-    lines = ["| family | " + " | ".join(COMMANDS) + " | why not |", "|---" * (len(COMMANDS) + 2) + "|"]
-    for name in IMAGE_FAMILIES:
+    lines = ["| family | media | " + " | ".join(COMMANDS) + " | why not |", "|---" * (len(COMMANDS) + 3) + "|"]
+    for name in FAMILIES:
         row = results[name]
         reasons = [row[c].split(": ", 1)[1] for c in COMMANDS if row[c].startswith(("no: ", "fails: "))]
         why = reasons[0].split(". ")[0] if reasons else ""
-        lines.append(f"| {name} | " + " | ".join(_short(row[c]) for c in COMMANDS) + f" | {why} |")
+        media = "video" if name in VIDEO_FAMILIES else "image"
+        lines.append(f"| {name} | {media} | " + " | ".join(_short(row[c]) for c in COMMANDS) + f" | {why} |")
     return "\n".join(lines)
 
 
@@ -254,7 +292,7 @@ def test_write_support_matrix():
     results = dict(RESULTS)
     if bench_file and Path(bench_file).is_file():  # families not run this session keep their last results
         results = {**json.loads(Path(bench_file).read_text()), **results}
-    if set(results) != set(IMAGE_FAMILIES):
+    if set(results) != set(FAMILIES):
         pytest.skip("runs only after every family ran (in this session or one recorded in ACCELKIT_FAMILY_BENCH)")
     table = render_matrix(results)
     if bench_file:  # measurements for BENCHMARKS.md
@@ -271,7 +309,7 @@ def test_write_support_matrix():
 def render_benchmarks(results: dict[str, dict]) -> str:
     """BENCHMARKS.md section: one CPU table per family from a slow-tier run's results (ACCELKIT_FAMILY_BENCH)."""
     parts = []
-    for name in IMAGE_FAMILIES:
+    for name in FAMILIES:
         row = results.get(name, {})
         bench = row.get("bench")
         parts.append(f"### {name}\n")
