@@ -40,8 +40,9 @@ UNSUPPORTED = {"lumina2": "unhashable type: non-nested SymInt"}
 # differ in token count, so these run on programs the runtime derives per new input shapes.
 PROMPT_LENGTH_TOKENS = {"zimage", "qwenimage"}
 # Known failures of one command, reason as measured.
-# (family, command) -> words of the one-line error, as measured.
-KNOWN_FAILURES = {("qwenimage", "export onnx"): "complex-valued input"}
+# (family, command) -> words of the one-line error, as measured. Both keep their rotary table as complex
+# numbers (torch.polar / a complex buffer), and torch.onnx has no lowering for ops on complex tensors.
+KNOWN_FAILURES = {("qwenimage", "export onnx"): "complex-valued input", ("zimage", "export onnx"): "complex-valued input"}
 RESULTS: dict[str, dict[str, str]] = {}
 _ONLY = os.environ.get("ACCELKIT_FAMILY_SWEEP")
 SWEEP = tuple(_ONLY.split(",")) if _ONLY else FAMILIES
