@@ -203,14 +203,17 @@ CACHE_SEARCHES = ((4, 3, "1.1x"), (8, 6, "1.3x"))
 
 
 def _cache_plan(folder: Path, out_root: Path, name: str, status: dict) -> tuple[Path, str]:
-    """Optimize ``--passes cache`` until the chosen plan caches; returns (out folder, budget)."""
+    """Optimize ``--passes cache`` until the chosen plan caches; returns (out folder, budget).
+
+    The next search follows where the budget was not met (exit 3) or fewer steps won.
+    """
     for steps, trials, budget in CACHE_SEARCHES:
         out = out_root / f"{name}-cache-{steps}"
         code, err = _optimize(folder, out, name, "cache", budget, trials=trials, steps=steps)
-        _Step(status, "export onnx").check(code == 0 and (out / "plans" / budget / "plan.json").is_file(), err)
-        if "cache" in _chosen_passes(out, budget):
+        _Step(status, "export onnx").check(code in (0, 3), err)
+        if code == 0 and "cache" in _chosen_passes(out, budget):
             return out, budget
-    _Step(status, "export onnx").check(False, "accelkit: error: no cache plan beat fewer steps on validation")
+    _Step(status, "export onnx").check(False, "accelkit: error: no cache plan met its budget and beat fewer steps")
     raise AssertionError("unreachable")
 
 
