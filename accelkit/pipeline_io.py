@@ -206,6 +206,20 @@ def video_generation_defaults(pipe: Any, config: Any) -> dict[str, Any]:
     return defaults
 
 
+def outputs_per_prompt(pipe: Any, count: int) -> dict[str, int]:
+    """The call argument asking ``pipe`` for ``count`` outputs per prompt (``num_videos_per_prompt`` on video).
+
+    Raises:
+        InputError: ``count`` > 1 on a pipeline that takes neither argument.
+    """
+    for name in ("num_images_per_prompt", "num_videos_per_prompt"):
+        if accepts_argument(pipe, name):
+            return {name: count}
+    if count != 1:
+        raise InputError(f"{type(pipe).__name__} makes one output per prompt: use --num-images 1")
+    return {}
+
+
 def parse_call_arguments(pairs: list[str] | tuple[str, ...] | None) -> dict[str, Any]:
     """``KEY=VALUE`` strings to a dict: VALUE parsed as JSON, else kept as a string.
 

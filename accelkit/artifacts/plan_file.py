@@ -43,7 +43,8 @@ class ModelRef:
 class Generation:
     height: int
     width: int
-    guidance_scale: float
+    # None where the pipeline's own default is None (Qwen-Image guides with ``true_cfg_scale``)
+    guidance_scale: float | None
     probe_prompt: str = "a photo"
 
 
@@ -93,7 +94,8 @@ def parse_plan(data: Any, path: Path) -> PlanFile:
     for key in ("height", "width"):
         _need(isinstance(generation.get(key), int) and generation[key] > 0, path, f"generation.{key}")
     scale = generation.get("guidance_scale")
-    _need(isinstance(scale, int | float) and math.isfinite(scale), path, "generation.guidance_scale")
+    _need(scale is None or (isinstance(scale, int | float) and math.isfinite(scale)), path,
+          "generation.guidance_scale")
     scheduler = data.get("scheduler")
     _need(isinstance(scheduler, dict) and isinstance(scheduler.get("class"), str), path, "no scheduler class")
     for key in ("baseline_steps", "num_steps"):
@@ -120,7 +122,7 @@ def parse_plan(data: Any, path: Path) -> PlanFile:
         schema=data["schema"], budget=data["budget"],
         model=ModelRef(id=model["id"], weights_hash=model["weights_hash"], family=model.get("family")),
         scheduler_class=scheduler["class"],
-        generation=Generation(height=generation["height"], width=generation["width"], guidance_scale=float(scale),
+        generation=Generation(height=generation["height"], width=generation["width"], guidance_scale=None if scale is None else float(scale),
                               probe_prompt=str(generation.get("probe_prompt", "a photo"))),
         baseline_steps=data["baseline_steps"], num_steps=data["num_steps"], passes=passes,
         weights_file=weights_file, weights=tensors, files=records)

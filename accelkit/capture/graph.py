@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import weakref
-from collections.abc import Mapping
-from contextlib import nullcontext
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -241,7 +241,8 @@ def capture(denoiser: torch.nn.Module, kwargs: Mapping[str, Any]) -> DenoiserGra
     ordered = dict(kwargs)
     strategy = traits_for(denoiser).capture_strategy
     try:
-        with torch.no_grad(), (strategy(denoiser, ordered) if strategy is not None else nullcontext()):
+        with torch.no_grad(), _no_traced_attribute_caches(denoiser), \
+                (strategy(denoiser, ordered) if strategy is not None else nullcontext()):
             exported = torch.export.export(denoiser, (), ordered, strict=False)
     except Exception as error:  # noqa: BLE001 - any export failure becomes one clear message
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -266,6 +267,45 @@ def capture(denoiser: torch.nn.Module, kwargs: Mapping[str, Any]) -> DenoiserGra
         costs=graph_costs(module),
         nested_structure=nested,
     )
+
+
+def _holds_fake_tensor(value: Any) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return any(isinstance(leaf, FakeTensor) for leaf in pytree.tree_leaves(value))
+
+
+def _attribute_holders(denoiser: torch.nn.Module) -> list[Any]:
+    """The submodules and the plain helper objects they hold (Z-Image's ``RopeEmbedder`` is no Module)."""
+    holders: dict[int, Any] = {}
+    for module in denoiser.modules():
+        holders[id(module)] = module
+        for value in vars(module).values():
+            if not isinstance(value, torch.nn.Module | torch.Tensor | type) and hasattr(value, "__dict__"):
+                holders.setdefault(id(value), value)
+    return list(holders.values())
+
+
+@contextmanager
+def _no_traced_attribute_caches(denoiser: torch.nn.Module) -> Iterator[None]:
+    """Roll back attributes that tracing filled with fake tensors.
+
+    Models that compute a table on their first call and keep it (Z-Image's rotary embedder sets
+    ``self.freqs_cis``) keep the tracer's fake tensors when that first call is the capture; the next
+    capture of the same model (a new input shape) or an eager call would then read them. Such
+    attributes get their value from before the capture back (or are removed when they are new).
+    """
+    before = {id(holder): (holder, dict(vars(holder))) for holder in _attribute_holders(denoiser)}
+    try:
+        yield
+    finally:
+        for holder, old in before.values():
+            for key, value in list(vars(holder).items()):
+                if (key not in old or old[key] is not value) and _holds_fake_tensor(value):
+                    if key in old:
+                        setattr(holder, key, old[key])
+                    else:
+                        delattr(holder, key)
 
 
 def clone_graph_module(module: fx.GraphModule) -> fx.GraphModule:

@@ -458,7 +458,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from accelkit.errors import InputError
     from accelkit.loading import load_pipeline
-    from accelkit.pipeline_io import parse_call_arguments, pipeline_call_arguments
+    from accelkit.pipeline_io import outputs_per_prompt, parse_call_arguments, pipeline_call_arguments
     from accelkit.runtime.plan import load, load_onnx, load_tensorrt, read_plan
 
     if args.backend == "tensorrt":
@@ -485,7 +485,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise InputError("--num-images and --steps must be at least 1")
     if args.num_frames is not None:
         call_args["num_frames"] = args.num_frames
-    call = {"num_inference_steps": args.steps, "num_images_per_prompt": args.num_images, **call_args}
+    call = {"num_inference_steps": args.steps, **outputs_per_prompt(loaded.pipe, args.num_images), **call_args}
     if args.check:
         value = accelerated.check(args.prompt[0], seed=args.seed, **call)
         print(f"check: PSNR {value:.2f} dB against the original pipeline")

@@ -307,6 +307,11 @@ def _first_line(error: BaseException) -> str:
     # torch.export's constraint errors put the useful sentence on the second line.
     if len(lines) > 1 and "Constraints violated" in head:
         head = f"{head} {lines[1].lstrip('- ')}"
+    # The ONNX exporter's conversion errors open with generic next steps; the op that failed follows
+    # its "## Exception summary" heading ("<class ...DispatchError>: No ONNX function found for ...").
+    if "## Exception summary" in lines[:-1]:
+        summary = lines[lines.index("## Exception summary") + 1]
+        head = f"{head.split('. ')[0]}: {summary.split('>: ', 1)[-1]}"
     return head[:400]
 
 

@@ -28,6 +28,12 @@ def test_parse_plan_gives_typed_checked_fields(tmp_path):
     assert plan.scheduler_class == "FlowMatchEulerDiscreteScheduler" and plan.files == {} and plan.weights == {}
 
 
+def test_parse_plan_keeps_a_pipelines_none_guidance(tmp_path):
+    # Qwen-Image's own default is guidance_scale=None (it guides with true_cfg_scale)
+    plan = _plan(generation={"height": 8, "width": 8, "guidance_scale": None})
+    assert parse_plan(seal_plan(tmp_path, plan), tmp_path / "plan.json").generation.guidance_scale is None
+
+
 @pytest.mark.parametrize(("change", "words"), [
     ({"generation": {"height": 8, "width": 8, "guidance_scale": float("nan")}}, "guidance_scale"),
     ({"generation": {"height": "8", "width": 8, "guidance_scale": 1.0}}, "generation.height"),

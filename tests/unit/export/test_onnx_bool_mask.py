@@ -26,3 +26,19 @@ def test_bool_masked_fill_becomes_logic_with_the_same_values():
     assert torch.ops.aten.logical_and.default in targets and torch.ops.aten.logical_or.default in targets
     for got, want in zip(prepared(x, pad), graph.module(x, pad), strict=True):
         assert torch.equal(got, want)
+
+
+def test_conversion_error_line_names_the_op_that_failed():
+    # torch.onnx's ConversionError opens with generic next steps; the failing op is in its summary.
+    from accelkit.export.onnx import _first_line
+
+    error = RuntimeError(
+        "Failed to convert the exported program to an ONNX model. This is step 3/3 of exporting the model.\n"
+        "- If there is a missing ONNX function, implement it and register it to the registry.\n"
+        "## Exception summary\n"
+        "<class 'torch.onnx._internal.exporter._errors.DispatchError'>: No ONNX function found for "
+        "<OpOverload(op='aten.split_with_sizes', overload='default')>. Failure message: complex-valued input\n"
+        "(Refer to the full stack trace above for more information.)")
+    line = _first_line(error)
+    assert line.startswith("Failed to convert the exported program to an ONNX model: No ONNX function found")
+    assert "aten.split_with_sizes" in line and "complex-valued" in line

@@ -41,3 +41,23 @@ def test_call_args_join_the_generation_settings_and_the_study():
     stored = study_settings(settings, model_id="zoo:shapes", weights_hash="x", generation=with_args,
                             calibration_prompts=["a"], evaluation_prompts=["b"], cost_target="cpu", targets=[2.0])
     assert stored["generation"]["call_arguments"] == {"num_images_per_prompt": 1}
+
+
+def test_outputs_per_prompt_uses_the_pipelines_own_argument():
+    from accelkit.errors import InputError
+    from accelkit.pipeline_io import outputs_per_prompt
+
+    class ImagePipe:
+        def __call__(self, prompt, num_images_per_prompt=1): ...
+
+    class VideoPipe:  # Wan, LTX, HunyuanVideo, CogVideoX, Mochi
+        def __call__(self, prompt, num_videos_per_prompt=1): ...
+
+    class SinglePipe:
+        def __call__(self, prompt): ...
+
+    assert outputs_per_prompt(ImagePipe(), 2) == {"num_images_per_prompt": 2}
+    assert outputs_per_prompt(VideoPipe(), 1) == {"num_videos_per_prompt": 1}
+    assert outputs_per_prompt(SinglePipe(), 1) == {}
+    with pytest.raises(InputError, match="one output per prompt"):
+        outputs_per_prompt(SinglePipe(), 2)

@@ -1,11 +1,12 @@
-"""Every image family through every command, on tiny real diffusers pipelines saved to folders.
+"""Every image and video family through every command, on tiny real diffusers pipelines saved to folders.
 
-Fast tier (default suite): the new capture paths (nested tensors, a call argument the family needs, lists
-of latents) and the one-line refusal of a family accelkit cannot capture. Slow tier: per family
-``inspect``, ``optimize --passes steps,cache --budget 2x`` (met, report written), ``optimize --passes
-prune``, and ``export`` + ``run --backend onnxruntime`` of a cache plan; the results are written as the
-support matrix (docs/support-matrix.md) that the README includes between its markers; the default suite
-sweeps two families, ``ACCELKIT_FAMILY_MATRIX=1 ACCELKIT_UPDATE_MATRIX=1`` all of them and rewrites it.
+Fast tier: the new capture paths (nested tensors, a call argument the family needs, lists of latents,
+prompts of other lengths) and the one-line refusal of a family accelkit cannot capture. Slow tier (run by
+the default suite and CI): per family, image and video, ``inspect``, ``optimize --passes steps,cache
+--budget 2x`` (met, report written), ``optimize --passes prune``, and ``export`` + ``run --backend
+onnxruntime`` of a cache plan; the results are the support matrix (docs/support-matrix.md) that the README
+includes between its markers (``ACCELKIT_UPDATE_MATRIX=1`` rewrites both). ``ACCELKIT_FAMILY_SWEEP=a,b``
+runs only the named families (``all``: every family; by default a few, see ``DEFAULT_SWEEP``).
 """
 
 from __future__ import annotations
@@ -17,27 +18,40 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+from PIL import Image
+from torch.utils import _pytree as pytree
 
 from accelkit.cli.main import main
 from tests.fixtures.families import FAMILY_CALL, IMAGE_FAMILIES, build_family_pipeline, saved_family_folder
+from tests.fixtures.video_families import VIDEO_CALL, VIDEO_FAMILIES, saved_video_pipeline_folder
 
 ROOT = Path(__file__).resolve().parents[3]
 MATRIX_FILE = ROOT / "docs" / "support-matrix.md"
 README = ROOT / "README.md"
 MARKERS = ("<!-- support-matrix:start -->", "<!-- support-matrix:end -->")
 COMMANDS = ("inspect", "steps,cache 2x", "prune", "export onnx", "run onnxruntime")
+FAMILIES = (*IMAGE_FAMILIES, *VIDEO_FAMILIES)
 # Families torch.export cannot capture yet, with the one-line reason users get (exit 2).
 UNSUPPORTED = {"lumina2": "unhashable type: non-nested SymInt"}
-# Families whose text tokens are as long as the prompt: a plan made for one prompt's token count refuses
-# another (one line, exit 2) until plans are shape-generic (the issue on shape-generic programs).
+# Families whose text tokens are as long as the prompt: the calibration, evaluation and ``run`` prompts
+# differ in token count, so these run on programs the runtime derives per new input shapes.
 PROMPT_LENGTH_TOKENS = {"zimage", "qwenimage"}
 # Known failures of one command, reason as measured.
-KNOWN_FAILURES = {("sana", "export onnx"): "onnxruntime output is NaN where PyTorch's is finite (not investigated)"}
+# (family, command) -> words of the one-line error, as measured. Both keep their rotary table as complex
+# numbers (torch.polar / a complex buffer), and torch.onnx has no lowering for ops on complex tensors.
+KNOWN_FAILURES = {("qwenimage", "export onnx"): "complex-valued input", ("zimage", "export onnx"): "complex-valued input",
+                  # intermittent (passed once, NaN on a later plan); the op is not found yet
+                  ("sana", "export onnx"): "nan > "}
 RESULTS: dict[str, dict[str, str]] = {}
-# The whole sweep takes ~25 min on 2 cores: the default suite runs two families that cover the UNet, a
-# nested dict input (SDXL) and a fixed timestep scale (AuraFlow); ACCELKIT_FAMILY_MATRIX=1 runs them all.
-SWEEP = IMAGE_FAMILIES if os.environ.get("ACCELKIT_FAMILY_MATRIX") == "1" else ("sdxl", "auraflow")
+# The default suite sweeps a few families, image and video, that exercise the nested-input, call-argument
+# and video paths: the whole sweep (``ACCELKIT_FAMILY_SWEEP=all``, 40-60 min on 2 cores) does not fit CI's
+# time limit beside the rest of the suite.
+DEFAULT_SWEEP = ("sdxl", "pixart-unbinned", "auraflow", "cogvideox")
+_ONLY = os.environ.get("ACCELKIT_FAMILY_SWEEP")
+SWEEP = FAMILIES if _ONLY == "all" else tuple(_ONLY.split(",")) if _ONLY else DEFAULT_SWEEP
 
 
 def _cli(*argv: str, stdout: io.StringIO | None = None) -> tuple[int, str]:
@@ -48,16 +62,23 @@ def _cli(*argv: str, stdout: io.StringIO | None = None) -> tuple[int, str]:
     return code, err.getvalue()
 
 
+def _call(name: str) -> dict:
+    return VIDEO_CALL[name] if name in VIDEO_CALL else FAMILY_CALL[name]
+
+
 def _generation_args(name: str) -> list[str]:
-    call = FAMILY_CALL[name]
+    call = _call(name)
     args = ["--height", str(call["height"]), "--width", str(call["width"])]
+    if "num_frames" in call:
+        args += ["--num-frames", str(call["num_frames"])]
     for key, value in call["call_args"].items():
         args += ["--call-arg", f"{key}={json.dumps(value)}"]
     return args
 
 
-def _optimize(folder: Path, out: Path, name: str, passes: str, budget: str, trials: int = 2) -> tuple[int, str]:
-    return _cli("optimize", str(folder), "--passes", passes, "--budget", budget, "--steps", "4",
+def _optimize(folder: Path, out: Path, name: str, passes: str, budget: str, trials: int = 2,
+              steps: int = 4) -> tuple[int, str]:
+    return _cli("optimize", str(folder), "--passes", passes, "--budget", budget, "--steps", str(steps),
                 "--trials", str(trials), "--num-prompts", "1", "--num-eval-prompts", "1", "--out", str(out),
                 "--quiet", *_generation_args(name))
 
@@ -65,6 +86,12 @@ def _optimize(folder: Path, out: Path, name: str, passes: str, budget: str, tria
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("families")
+
+
+def _saved_folder(name: str, root: Path) -> Path:
+    if name in VIDEO_FAMILIES:
+        return saved_video_pipeline_folder(name, root)
+    return saved_family_folder(name, root)
 
 
 # ------------------------------------------------------------------------------------------------ fast tier
@@ -86,6 +113,38 @@ def test_new_capture_paths(name):
         assert generation["call_arguments"]["use_resolution_binning"] is False
     # Every recorded call of the generation fits the one captured signature.
     assert graph.flat_inputs(calls[-1])[0].shape == graph.flat_inputs(calls[0])[0].shape
+
+
+@pytest.mark.parametrize("name", sorted(PROMPT_LENGTH_TOKENS))
+def test_prompts_of_other_lengths_capture_again(name):
+    """A new prompt length is a new signature the runtime captures; the module must stay capturable.
+
+    Z-Image keeps its rotary table on the object after its first call: were that call the capture,
+    the table would hold the tracer's fake tensors and the next capture (or an eager call) would fail.
+    """
+    from accelkit.pipeline_io import (
+        family_of,
+        find_denoiser,
+        generation_defaults,
+        probe_and_capture,
+        with_call_arguments,
+    )
+
+    pipe = build_family_pipeline(name)
+    call = FAMILY_CALL[name]
+    generation = with_call_arguments(pipe, {**generation_defaults(pipe), "height": call["height"],
+                                            "width": call["width"]}, call["call_args"])
+    short_calls, short = probe_and_capture(pipe, generation, prompt="a cat")
+    long_calls, long = probe_and_capture(pipe, generation, prompt="a red circle on a blue square at noon")
+    text = next(n for n in short.input_names if n.split(".")[0] in family_of(pipe).text_token_inputs)
+    tokens = [dict(zip(g.input_names, g.input_specs, strict=True))[text].shape[-2] for g in (short, long)]
+    assert tokens[0] < tokens[1], tokens
+    denoiser = find_denoiser(pipe)[1]
+    with torch.no_grad():
+        for calls, graph in ((short_calls, short), (long_calls, long)):
+            expected = pytree.tree_leaves(denoiser(**{**calls[0], "return_dict": False}))[0]
+            actual = graph.module(*graph.flat_inputs(calls[0]))[0]
+            assert torch.allclose(actual, expected, atol=1e-5)
 
 
 def test_guidance_default_comes_from_the_pipeline_signature():
@@ -137,6 +196,33 @@ def _one_error_line(err: str) -> bool:
     return sum(line.startswith("accelkit: error: ") for line in err.splitlines()) == 1 and "Traceback" not in err
 
 
+RUNS = {0: "runs (fewer steps won)", 3: "runs (1.2x not met)"}
+
+
+def _chosen_passes(out: Path, budget: str) -> dict:
+    return json.loads((out / "plans" / budget / "plan.json").read_text())["passes"]
+
+
+# (steps, trials, budget) of the cache plan to export; the second where fewer steps beat every cache trial
+# at 4 steps on validation (the plan is then fewer steps; with 8 steps neighbours are closer).
+CACHE_SEARCHES = ((4, 3, "1.1x"), (8, 6, "1.3x"))
+
+
+def _cache_plan(folder: Path, out_root: Path, name: str, status: dict) -> tuple[Path, str]:
+    """Optimize ``--passes cache`` until the chosen plan caches; returns (out folder, budget).
+
+    The next search follows where the budget was not met (exit 3) or fewer steps won.
+    """
+    for steps, trials, budget in CACHE_SEARCHES:
+        out = out_root / f"{name}-cache-{steps}"
+        code, err = _optimize(folder, out, name, "cache", budget, trials=trials, steps=steps)
+        _Step(status, "export onnx").check(code in (0, 3), err)
+        if code == 0 and "cache" in _chosen_passes(out, budget):
+            return out, budget
+    _Step(status, "export onnx").check(False, "accelkit: error: no cache plan met its budget and beat fewer steps")
+    raise AssertionError("unreachable")
+
+
 def _run_family(name: str, folder: Path, out_root: Path, status: dict) -> None:
     """Run every command on ``folder``, filling ``status`` as it goes (a failure leaves the rest blank)."""
     status.update(dict.fromkeys(COMMANDS, "not reached"))
@@ -154,45 +240,57 @@ def _run_family(name: str, folder: Path, out_root: Path, status: dict) -> None:
     status["bench"] = bench
     out = out_root / f"{name}-steps-cache"
     code, err = _optimize(folder, out, name, "steps,cache", "2x")
-    if name in PROMPT_LENGTH_TOKENS and code == 2 and _one_error_line(err):
-        assert "the plan was made for other denoiser inputs" in err, err
-        status.update({c: "no: text tokens follow the prompt length (needs shape-generic plans)"
-                       for c in COMMANDS[1:]})
-        return
     written = (out / "report" / "index.html").is_file() and (out / "plans" / "2x" / "plan.json").is_file()
     _Step(status, "steps,cache 2x").check(code == 0 and written, err)
     chosen = _report_budget(out, "2x")
+    if name in VIDEO_FAMILIES:  # fidelity over every frame, and motion
+        frames = _call(name)["num_frames"]
+        assert chosen["fidelity"]["frames"] == frames and chosen["fidelity"]["temporal_psnr"] > 0, chosen
+        assert "temporal PSNR" in (out / "report" / "index.html").read_text()
+        assert json.loads((out / "plans" / "2x" / "plan.json").read_text())["generation"]["num_frames"] == frames
+        # one frame strip per prompt: at most 8 frames side by side, 2-pixel gaps
+        shown, call = min(frames, 8), _call(name)
+        strip = Image.open(out / "report" / chosen["images"]["baseline"][0])
+        assert strip.size == (shown * call["width"] + 2 * (shown - 1), call["height"])
     bench["steps_cache_2x"] = {"psnr": chosen["fidelity"]["psnr"], "summary": chosen["plan_summary"],
                                "fewer_steps_psnr": chosen["references"]["fewer_steps"]["psnr"]}
-    code, err = _optimize(folder, out_root / f"{name}-prune", name, "prune", "1.2x")
+    prune_out = out_root / f"{name}-prune"
+    code, err = _optimize(folder, prune_out, name, "prune", "1.2x")
     # exit 3 (budget not met) is a result of the search, not a failure of the command
-    _Step(status, "prune").check(code in (0, 3), err, "yes" if code == 0 else "runs (1.2x not met)")
-    cache_out = out_root / f"{name}-cache"
+    pruned = code == 0 and _chosen_passes(prune_out, "1.2x").get("prune", {}).get("removed_blocks")
+    # a plan of fewer steps alone is chosen where it scored above every pruned trial on validation
+    _Step(status, "prune").check(code in (0, 3), err, "yes" if pruned else RUNS[code])
     # The export steps below need a cache plan, whether or not its validation gain over fewer steps is
     # significant: take any positive mean gain (the selection rule before the significance test).
     from accelkit.search import optimize as search_module
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(search_module, "SIGNIFICANCE_STANDARD_ERRORS", 0.0)
-        code, err = _optimize(folder, cache_out, name, "cache", "1.1x", trials=3)
-    plan_file = cache_out / "plans" / "1.1x" / "plan.json"
-    _Step(status, "export onnx").check(code == 0 and plan_file.is_file(), err)
-    plan = json.loads(plan_file.read_text())
-    assert "cache" in plan["passes"]
-    cached = _report_budget(cache_out, "1.1x")
-    bench["cache_1.1x"] = {"roofline_speedup": plan["cost"]["roofline_speedup"], "psnr": cached["fidelity"]["psnr"],
+        cache_out, budget = _cache_plan(folder, out_root, name, status)
+    plan = json.loads((cache_out / "plans" / budget / "plan.json").read_text())
+    cached = _report_budget(cache_out, budget)
+    bench["cache"] = {"budget": budget, "roofline_speedup": plan["cost"]["roofline_speedup"], "psnr": cached["fidelity"]["psnr"],
                            "fewer_steps_psnr": cached["references"]["fewer_steps"]["psnr"],
                            "summary": cached["plan_summary"]}
-    code, err = _cli("export", str(cache_out), "--budget", "1.1x")
-    if code != 0 and (name, "export onnx") in KNOWN_FAILURES:
-        status["export onnx"] = f"no: {KNOWN_FAILURES[name, 'export onnx']}"
+    code, err = _cli("export", str(cache_out), "--budget", budget)
+    if code == 2 and KNOWN_FAILURES.get((name, "export onnx"), "\0") in _error_line(err):
+        status["export onnx"] = f"no: {_error_line(err)}"
         status["run onnxruntime"] = "no: needs the export"
         return
     _Step(status, "export onnx").check(code == 0, err)
     image = cache_out / "run.png"
-    code, err = _cli("run", str(cache_out), "--budget", "1.1x", "--backend", "onnxruntime", "--prompt", "a red circle",
+    code, err = _cli("run", str(cache_out), "--budget", budget, "--backend", "onnxruntime", "--prompt", "a red circle",
                      "--output", str(image))
     _Step(status, "run onnxruntime").check(code == 0 and image.is_file(), err)
+    if name in VIDEO_FAMILIES:  # a video comes back as its frames side by side, as PyTorch makes it
+        call = _call(name)
+        assert Image.open(image).size == (call["num_frames"] * call["width"], call["height"])
+        torch_image = cache_out / "run-pytorch.png"
+        code, err = _cli("run", str(cache_out), "--budget", budget, "--backend", "pytorch", "--prompt",
+                         "a red circle", "--output", str(torch_image))
+        assert code == 0, err
+        pixels = [np.asarray(Image.open(p), dtype=np.int16) for p in (image, torch_image)]
+        assert np.abs(pixels[0] - pixels[1]).max() <= 3
     bench["all_commands_seconds"] = round(time.perf_counter() - started)
 
 
@@ -200,29 +298,40 @@ def _run_family(name: str, folder: Path, out_root: Path, status: dict) -> None:
 @pytest.mark.parametrize("name", SWEEP)
 def test_family_through_every_command(folders, tmp_path, name):
     status = RESULTS.setdefault(name, {})
-    _run_family(name, saved_family_folder(name, folders), tmp_path, status)
+    try:
+        _run_family(name, _saved_folder(name, folders), tmp_path, status)
+    finally:
+        _record(name, status)
     if name in UNSUPPORTED:
         assert UNSUPPORTED[name] in status["inspect"]
-    elif name in PROMPT_LENGTH_TOKENS:
-        assert status["inspect"] == "yes" and status["steps,cache 2x"].startswith(("yes", "no: text tokens"))
     else:
-        allowed = ("yes", "runs (1.2x not met)", *(f"no: {r}" for (n, _), r in KNOWN_FAILURES.items() if n == name),
-                   "no: needs the export")
-        assert all(status[c] in allowed for c in COMMANDS), status
+        known = [r for (n, _), r in KNOWN_FAILURES.items() if n == name]
+        assert all(status[c] in ("yes", *RUNS.values(), "no: needs the export") or
+                   any(status[c].startswith("no: ") and r in status[c] for r in known) for c in COMMANDS), status
+
+
+def _record(name: str, status: dict) -> None:
+    """Merge one family's outcome into ``ACCELKIT_FAMILY_BENCH`` as it finishes (a long sweep keeps it)."""
+    bench_file = os.environ.get("ACCELKIT_FAMILY_BENCH")
+    if bench_file:
+        path = Path(bench_file)
+        results = json.loads(path.read_text()) if path.is_file() else {}
+        path.write_text(json.dumps({**results, name: status}, indent=2))
 
 
 def _short(cell: str) -> str:
-    return cell if cell in ("yes", "runs (1.2x not met)") else cell.split(":", 1)[0]
+    return cell if cell == "yes" or cell.startswith("runs") else cell.split(":", 1)[0]
 
 
 def render_matrix(results: dict[str, dict[str, str]]) -> str:
     """One row per family: each command's outcome, and why where it is not "yes"."""
-    lines = ["| family | " + " | ".join(COMMANDS) + " | why not |", "|---" * (len(COMMANDS) + 2) + "|"]
-    for name in IMAGE_FAMILIES:
+    lines = ["| family | media | " + " | ".join(COMMANDS) + " | why not |", "|---" * (len(COMMANDS) + 3) + "|"]
+    for name in FAMILIES:
         row = results[name]
         reasons = [row[c].split(": ", 1)[1] for c in COMMANDS if row[c].startswith(("no: ", "fails: "))]
         why = reasons[0].split(". ")[0] if reasons else ""
-        lines.append(f"| {name} | " + " | ".join(_short(row[c]) for c in COMMANDS) + f" | {why} |")
+        media = "video" if name in VIDEO_FAMILIES else "image"
+        lines.append(f"| {name} | {media} | " + " | ".join(_short(row[c]) for c in COMMANDS) + f" | {why} |")
     return "\n".join(lines)
 
 
@@ -233,7 +342,7 @@ def test_write_support_matrix():
     results = dict(RESULTS)
     if bench_file and Path(bench_file).is_file():  # families not run this session keep their last results
         results = {**json.loads(Path(bench_file).read_text()), **results}
-    if set(results) != set(IMAGE_FAMILIES):
+    if set(results) != set(FAMILIES):
         pytest.skip("runs only after every family ran (in this session or one recorded in ACCELKIT_FAMILY_BENCH)")
     table = render_matrix(results)
     if bench_file:  # measurements for BENCHMARKS.md
@@ -250,19 +359,20 @@ def test_write_support_matrix():
 def render_benchmarks(results: dict[str, dict]) -> str:
     """BENCHMARKS.md section: one CPU table per family from a slow-tier run's results (ACCELKIT_FAMILY_BENCH)."""
     parts = []
-    for name in IMAGE_FAMILIES:
+    for name in FAMILIES:
         row = results.get(name, {})
         bench = row.get("bench")
         parts.append(f"### {name}\n")
-        if not bench or "cache_1.1x" not in bench:
-            reason = next((row[c] for c in COMMANDS if row.get(c, "yes") not in ("yes", "runs (1.2x not met)")), "")
+        if not bench or "cache" not in bench:
+            reason = next((row[c] for c in COMMANDS if not row.get(c, "yes").startswith(("yes", "runs"))), "")
             parts.append(f"Not measured: {reason.split(': ', 1)[-1] or 'not run'}.\n")
             continue
-        cache, both = bench["cache_1.1x"], bench["steps_cache_2x"]
+        cache, both = bench["cache"], bench["steps_cache_2x"]
         parts.append("| measure | value |\n|---|---|")
         parts.append(f"| inspect wall time (load, 2-step probe, capture) | {bench['inspect_seconds']:.1f} s |")
         parts.append(f"| blocks | {bench['blocks']} ({', '.join(bench['block_groups'])}) |")
-        parts.append(f"| cache plan (`--passes cache`, 3 trials): roofline speedup | {cache['roofline_speedup']:.2f}x |")
+        parts.append(f"| cache plan (`--passes cache --budget {cache['budget']}`): roofline speedup | "
+                     f"{cache['roofline_speedup']:.2f}x |")
         parts.append(f"| cache plan: PSNR vs baseline / fewer steps at that speedup | "
                      f"{cache['psnr']:.1f} / {cache['fewer_steps_psnr']:.1f} dB |")
         parts.append(f"| `steps,cache` at 2x: PSNR vs baseline / fewer steps (2 of 4) | "

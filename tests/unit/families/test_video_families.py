@@ -1,7 +1,8 @@
 """Every command on tiny random-weight video pipelines: Wan 2.1/2.2, LTX-Video, HunyuanVideo, CogVideoX, Mochi.
 
 Each family is its real diffusers pipeline class, saved with ``save_pretrained`` and loaded by the CLI as a
-user's folder would be. ``inspect`` runs in the default suite; the optimize/export/run matrix is ``slow``.
+user's folder would be. ``inspect`` runs here; every other command (optimize steps,cache / prune / cache, export, run onnxruntime)
+runs in the slow tier of ``test_family_support.py``, one support matrix for image and video families.
 """
 
 from __future__ import annotations
@@ -10,9 +11,7 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from accelkit.cli.main import main
 from tests.fixtures.video_families import (
@@ -91,80 +90,3 @@ def test_inspect_at_the_pipeline_default_size_answers_quickly(family, folders, c
     info = _json_out(capsys)
     assert info["generation"]["num_frames"] in (129, 161)
     assert elapsed < 60, f"inspect took {elapsed:.0f} s"
-
-
-def _report(out: Path) -> dict:
-    return json.loads((out / "report" / "report.json").read_text())
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("family", VIDEO_FAMILIES)
-def test_optimize_steps_and_cache_meets_2x_with_a_video_report(family, folders, tmp_path):
-    out = tmp_path / "out"
-    code = main(["optimize", str(folders(family)), "--passes", "steps,cache", "--budget", "2x",
-                 *_search_args(family, out, steps=6, trials=2)])
-    assert code == 0
-    budget = _report(out)["budgets"][0]
-    assert budget["met"] and budget["speedup"] >= 2.0 * 0.97
-    fidelity = budget["fidelity"]
-    frames = VIDEO_CALL[family]["num_frames"]
-    assert fidelity["frames"] == frames and fidelity["temporal_psnr"] > 0
-    assert len(fidelity["per_image"]["temporal_psnr"]) == 1
-    plan = json.loads((out / "plans" / "2x" / "plan.json").read_text())
-    assert plan["generation"]["num_frames"] == frames
-    # One frame strip per prompt: frames side by side (at most 8 shown, 2-pixel gaps).
-    strip = Image.open(out / "report" / budget["images"]["baseline"][0])
-    shown = min(frames, 8)
-    height = VIDEO_CALL[family]["height"]
-    assert strip.size == (shown * VIDEO_CALL[family]["width"] + 2 * (shown - 1), height)
-    assert "temporal PSNR" in (out / "report" / "index.html").read_text()
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("family", VIDEO_FAMILIES)
-def test_optimize_prune_removes_a_block(family, folders, tmp_path):
-    out = tmp_path / "out"
-    code = main(["optimize", str(folders(family)), "--passes", "prune", "--budget", "1.2x",
-                 *_search_args(family, out, steps=4, trials=3)])
-    assert code == 0
-    report = _report(out)
-    assert report["budgets"][0]["met"]
-    # The guaranteed fewer-steps seed runs first; the sampled trials after it prune blocks. The plan is
-    # whichever scores better on validation, so a pruning trial is asserted, not a pruned plan.
-    pruned = [t for t in report["trials"] if (t["passes"].get("prune") or {}).get("removed_blocks")]
-    assert pruned, [t["passes"] for t in report["trials"]]
-    plan = json.loads((out / "plans" / "1.2x" / "plan.json").read_text())
-    assert "prune" not in plan["passes"] or plan["passes"]["prune"]["removed_blocks"]
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("family", VIDEO_FAMILIES)
-def test_cache_plan_exports_to_onnx_and_runs_in_onnxruntime(family, folders, tmp_path, capsys, monkeypatch):
-    from accelkit.search import optimize as search_module
-
-    out = tmp_path / "out"
-    # Export needs a cache plan, whether or not its validation gain over fewer steps is significant: take
-    # any positive mean gain (the selection rule before the significance test).
-    monkeypatch.setattr(search_module, "SIGNIFICANCE_STANDARD_ERRORS", 0.0)
-    # The budget's seed guesses a cached step at a fifth of a full one; on these tiny models it is 0.3-0.5
-    # (embedders weigh more), so the seed misses and the sampled trials that follow find a plan.
-    code = main(["optimize", str(folders(family)), "--passes", "cache", "--budget", "1.3x",
-                 *_search_args(family, out, steps=8, trials=6)])
-    assert code == 0
-    plan = json.loads((out / "plans" / "1.3x" / "plan.json").read_text())
-    assert "cached" in plan["schedule"]
-    assert main(["export", str(out), "--budget", "1.3x"]) == 0
-    frames = VIDEO_CALL[family]["num_frames"]
-    strips = {}
-    for backend in ("onnxruntime", "pytorch"):
-        target = tmp_path / f"{backend}.png"
-        assert main(["run", str(out), "--budget", "1.3x", "--backend", backend, "--prompt", "a red circle",
-                     "--output", str(target)]) == 0
-        strips[backend] = np.asarray(Image.open(target), dtype=np.int16)
-    assert strips["pytorch"].shape[1] == frames * VIDEO_CALL[family]["width"]
-    # onnxruntime and PyTorch agree to within rounding of a few frames' pixels.
-    assert np.abs(strips["onnxruntime"] - strips["pytorch"]).max() <= 3
-    gif = tmp_path / "video.gif"
-    assert main(["run", str(out), "--budget", "1.3x", "--backend", "onnxruntime", "--prompt", "a red circle",
-                 "--output", str(gif)]) == 0
-    assert Image.open(gif).n_frames == frames
