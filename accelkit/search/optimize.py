@@ -519,7 +519,7 @@ class SearchSession:
         def objective(trial: Any) -> tuple[float, float]:
             current["trial_id"] = trial._trial_id
             current["numbers"].append(trial.number)
-            configs = suggest_configs(trial, passes)
+            configs = suggest_configs(trial, passes, facts=_probe_facts(self.settings, evaluator, self.targets))
             try:
                 program, resolved = evaluator.build(configs)
                 speedup, cost = evaluator.speedup(program)
@@ -974,6 +974,7 @@ class _Validation:
         acting = {name: data for name, data in resolved.items()
                   if name != "steps" and not config_from_dict(name, data).is_noop()}
         return (program.num_steps, program.sigmas, program.timestep_kind, program.schedule,
+                json.dumps(dict(program.scheduler_overrides), sort_keys=True, default=repr),
                 json.dumps(acting, sort_keys=True, default=repr))
 
     def per_prompt(self, resolved: dict[str, Any]) -> list[float]:
