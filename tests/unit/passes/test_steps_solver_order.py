@@ -81,12 +81,23 @@ def test_the_scheduler_is_restored_when_the_generation_fails(shapes):
     pipe, base, calib, _ = shapes
     scheduler = pipe.scheduler
     program, _ = run_passes(base, [StepsConfig(num_steps=4, solver_order=3)], calib)
+    seen = []
+
+    def fail_at_second_step(module, args, kwargs):
+        seen.append(pipe.scheduler)
+        if len(seen) == 2:
+            raise RuntimeError("stopped mid-generation")
+
+    _, denoiser = find_denoiser(pipe)
+    handle = denoiser.register_forward_pre_hook(fail_at_second_step, with_kwargs=True)
     accelerated = AcceleratedPipeline(pipe, program)
     try:
-        with pytest.raises(TypeError):
-            accelerated(prompt="a red circle", not_an_argument=1, **GENERATION)
+        with pytest.raises(RuntimeError, match="mid-generation"):
+            accelerated(prompt="a red circle", **GENERATION)
     finally:
+        handle.remove()
         accelerated.restore()
+    assert seen[0] is not scheduler and seen[0].config.solver_order == 3  # the copy ran
     assert pipe.scheduler is scheduler and pipe.scheduler.config.solver_order == 2
 
 
