@@ -41,6 +41,10 @@ exit codes: 0 success; 1 internal error (please report); 2 bad input (the messag
 """
 
 
+#: What ``ArgumentParser.add_subparsers`` returns: each command's builder adds its parser to it.
+Subcommands = argparse._SubParsersAction
+
+
 def _add_model(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", nargs="?", default=None,
                         help="pipeline folder, hub id or zoo:NAME (default: the embedded zoo:shapes)")
@@ -52,7 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     parser.add_argument("--version", action="version", version=_version())
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    # One builder per command, in the order `accelkit --help` lists them.
+    for add_command in (_add_inspect, _add_optimize, _add_search, _add_report, _add_run, _add_export, _add_distill):
+        add_command(commands)
+    return parser
 
+
+def _add_inspect(commands: Subcommands) -> None:
     inspect = commands.add_parser(
         "inspect", help="show the denoiser's blocks, FLOPs and attention sites",
         description="Capture MODEL's denoiser and print its family, parameter count, block table "
@@ -66,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="frames to capture at, for video pipelines (default: the pipeline's)")
     _add_call_arg(inspect)
 
+
+def _add_optimize(commands: Subcommands) -> None:
     optimize = commands.add_parser(
         "optimize", help="search pass settings to meet speed budgets; write plans and a fidelity report",
         description="Search the passes' settings with Optuna so that each --budget (a speedup over the "
@@ -91,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     optimize.add_argument("--quiet", action="store_true", help="no progress output")
     optimize.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
 
+
+def _add_search(commands: Subcommands) -> None:
     search = commands.add_parser(
         "search", help="run search trials as a worker against a shared study (distributed search)",
         description="Run --trials trials of the budget search against a shared Optuna study and exit "
@@ -118,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--quiet", action="store_true", help="no progress output")
     search.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
 
+
+def _add_report(commands: Subcommands) -> None:
     report = commands.add_parser(
         "report", help="re-render OUT/report/ from OUT/report/report.json, or report a shared study",
         description="Re-render the fidelity report of an optimize run. With --storage: choose the plans "
@@ -140,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--device", default=None, help="with --storage: cpu or cuda (default: the study's)")
     report.add_argument("--quiet", action="store_true", help="no progress output")
 
+
+def _add_run(commands: Subcommands) -> None:
     run = commands.add_parser(
         "run", help="generate images with a plan",
         description="Load MODEL (default: the plan's model), apply OUT's plan and generate.",
@@ -167,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also run the original pipeline once and print the PSNR of the first prompt's images")
     _add_call_arg(run, "on top of the plan's")
 
+
+def _add_export(commands: Subcommands) -> None:
     export = commands.add_parser(
         "export", help="export a plan's graph variants (ONNX, checked with onnxruntime; or TensorRT engines)",
         description="Export every graph variant of OUT's plan to OUT/plans/<budget>/onnx/ (one model per "
@@ -182,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--target", default="onnx", choices=["onnx", "tensorrt"], help="export target")
     export.add_argument("--model", default=None, help="model to load (default: the one the plan names)")
 
+
+def _add_distill(commands: Subcommands) -> None:
     distill = commands.add_parser(
         "distill", help="recover a pruned plan's fidelity by distilling it from the original model",
         description="Train the pruned denoiser of OUT's plan (the student, starting from its remaining weights) "
@@ -218,7 +240,6 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--seed", type=int, default=0, help="seed of the training order (default: 0)")
     distill.add_argument("--quiet", action="store_true", help="no progress output")
     distill.add_argument("--json", action="store_true", help="print the recovery section as JSON on stdout")
-    return parser
 
 
 def _add_search_options(parser: argparse.ArgumentParser, *, worker: bool = False) -> None:

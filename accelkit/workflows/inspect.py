@@ -55,7 +55,7 @@ def inspect_model(model: str | None = None, *, height: int | None = None, width:
     """
     from accelkit.loading import load_pipeline
     from accelkit.pipeline_io import parse_call_arguments, probe_and_capture
-    from accelkit.search.optimize import OptimizeSettings, _generation_defaults
+    from accelkit.search.settings import OptimizeSettings, _generation_defaults
 
     arguments = parse_call_arguments(list(call_args))
     loaded = load_pipeline(model)

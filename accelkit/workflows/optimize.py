@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from accelkit.pipeline_io import parse_call_arguments
-from accelkit.search.optimize import OptimizeResult, OptimizeSettings, parse_budget, parse_passes
+from accelkit.search.settings import OptimizeResult, OptimizeSettings, parse_budget, parse_passes
 from accelkit.search.worker import WorkerResult, run_worker
 
 __all__ = ["OptimizeResult", "OptimizeRun", "OptimizeSettings", "WorkerResult", "optimize", "parse_budget",

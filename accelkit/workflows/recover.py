@@ -114,7 +114,7 @@ class _Prompts:
 
 def _choose_prompts(loaded: Any, prompts: Sequence[str] | None, eval_prompts: Sequence[str] | None,
                     num_prompts: int, num_eval_prompts: int, report: tuple[dict | None, dict | None]) -> _Prompts:
-    from accelkit.search.optimize import OptimizeSettings, _prompt_sets
+    from accelkit.search.settings import OptimizeSettings, _prompt_sets
 
     report_data, report_entry = report
     defaults = _prompt_sets(
