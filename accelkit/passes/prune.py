@@ -17,9 +17,10 @@ FLOPs is then an exact 0/1 knapsack (:func:`select_min_loss`). ``"last"`` and ``
 baseline criteria that remove candidates from the end / in a seeded random order until the FLOPs
 target is reached.
 
-Recovery: ``accelkit distill`` (:mod:`accelkit.calibrate.distill`) trains the pruned graph's weights
-and stores them in ``Program.new_weights`` under ``prune.<weight name>``; the pass, replaying a plan,
-gives the pruned graph those tensors (:func:`replace_weights`) instead of the original ones.
+Recovery: ``accelkit distill`` (:mod:`accelkit.workflows.recover`, training in :mod:`accelkit.calibrate.distill`)
+trains the pruned graph's weights and stores them in ``Program.new_weights`` under ``prune.<weight name>``;
+the pass, replaying a plan, gives the pruned graph those tensors (:func:`~accelkit.capture.graph.replace_weights`)
+instead of the original ones.
 """
 
 from __future__ import annotations
