@@ -263,19 +263,9 @@ def prepare_search(settings: OptimizeSettings, *, role: str = "optimize", consol
     from accelkit.loading import load_pipeline, weights_fingerprint
     from accelkit.pipeline_io import probe_and_capture
     from accelkit.search.cost import device_spec
-    if role not in COMPARED_FIELDS:
-        raise ValueError(f"unknown role {role!r}")
-    say: Callable[[str], None] = (console.print if console is not None else (lambda *_: None))
-    targets = validate_settings(settings, min_trials={"optimize": 1, "worker": 0, "report": 0}[role])
-    out = Path(settings.out) if settings.out else None
-    if out is not None and out.exists() and not out.is_dir():
-        raise InputError(f"--out '{out}' is a file: pass a directory")
-    if role != "optimize" and not settings.storage:
-        raise InputError("--storage is required: the URL of the shared study, e.g. postgresql://user:pw@host/db "
-                         "or sqlite:///path/study.db")
-    if role == "optimize" and out is None:
-        raise InputError("--out is required")
 
+    say: Callable[[str], None] = (console.print if console is not None else (lambda *_: None))
+    targets, out = _check_role(settings, role)
     loaded = load_pipeline(settings.model, device=settings.device)
     pipe = loaded.pipe
     prompt_sets = _prompt_sets(settings, loaded.source)
@@ -327,6 +317,22 @@ def prepare_search(settings: OptimizeSettings, *, role: str = "optimize", consol
                          validation_prompts=prompt_sets.validation,
                          spec=spec, evaluator=evaluator, storage_url=storage_url, study=study,
                          study_name=study_name, created=created, stored=stored, out=out)
+
+
+def _check_role(settings: OptimizeSettings, role: str) -> tuple[list[float], Path | None]:
+    """(the budget targets, OUT) once what ``role`` needs is there; nothing is loaded or written."""
+    if role not in COMPARED_FIELDS:
+        raise ValueError(f"unknown role {role!r}")
+    targets = validate_settings(settings, min_trials={"optimize": 1, "worker": 0, "report": 0}[role])
+    out = Path(settings.out) if settings.out else None
+    if out is not None and out.exists() and not out.is_dir():
+        raise InputError(f"--out '{out}' is a file: pass a directory")
+    if role != "optimize" and not settings.storage:
+        raise InputError("--storage is required: the URL of the shared study, e.g. postgresql://user:pw@host/db "
+                         "or sqlite:///path/study.db")
+    if role == "optimize" and out is None:
+        raise InputError("--out is required")
+    return targets, out
 
 
 def _open_study(storage: Any, storage_url: str, study_name: str, role: str, seed: int) -> tuple[Any, bool]:
