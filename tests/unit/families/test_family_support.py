@@ -262,7 +262,7 @@ def _run_family(name: str, folder: Path, out_root: Path, status: dict) -> None:
     _Step(status, "prune").check(code in (0, 3), err, "yes" if pruned else RUNS[code])
     # The export steps below need a cache plan, whether or not its validation gain over fewer steps is
     # significant: take any positive mean gain (the selection rule before the significance test).
-    from accelkit.search import optimize as search_module
+    from accelkit.search import finish as search_module
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(search_module, "SIGNIFICANCE_STANDARD_ERRORS", 0.0)
