@@ -45,6 +45,7 @@ from torch import fx
 
 from accelkit._io import atomic_directory, atomic_write_json
 from accelkit.capture.graph import clone_graph_module
+from accelkit.export.complex_pairs import complex_as_real_pairs
 from accelkit.export.lowerings import (
     LoweringError,
     OnnxExportError,
@@ -565,7 +566,7 @@ def _variant_call(
         )
     input_names, output_names = _onnx_names(graph, variant, name)
     first = args[0] if graph.input_names else None
-    module = _prepare_module(variant.module)
+    module = complex_as_real_pairs(_prepare_module(variant.module))
     return _VariantCall(
         name=name,
         module=module,
