@@ -65,7 +65,7 @@ def _subgraph_arg(module: fx.GraphModule, node: fx.Node) -> int | None:
 
 
 def holds_complex(module: fx.GraphModule) -> bool:
-    """Whether a node of ``module`` (or of a subgraph it calls) has a complex value or reads a complex tensor."""
+    """Whether a node of ``module`` (or of a subgraph it calls) has a complex value or reads a complex one."""
     for node in module.graph.nodes:
         if _is_complex(_value(node)):
             return True
@@ -274,7 +274,7 @@ class _PairRewriter:
             self.pairs.add(node)
 
 
-# ---------------------------------------------------------------- rules: rule(rewriter, node) -> (new node, is pair)
+# ---------------------------------------------------------------- rules: (rewriter, node) -> (node, is pair)
 
 Rule = Callable[[_PairRewriter, fx.Node], tuple[fx.Node, bool]]
 

@@ -54,6 +54,7 @@ from accelkit.export.lowerings import (
     register_onnx_lowering,
     translation_table,
 )
+from accelkit.export.onnx_optimizer import optimize_model
 from accelkit.kernels.registry import load_builtin_ops, op_call
 from accelkit.passes.base import GraphVariant, Program
 
@@ -331,12 +332,8 @@ def _find_cause(
 
 
 def _optimize(model: Any) -> None:
-    """onnxscript's optimizer as ``torch.onnx.export(optimize=True)`` runs it, keeping local functions."""
-    import onnxscript.optimizer
-    import onnxscript.rewriter.onnx_fusions
-
-    onnxscript.optimizer.optimize_ir(model, inline=False)
-    onnxscript.rewriter.onnx_fusions.fuse(model)
+    """onnxscript's optimizer, keeping local functions and epsilons (accelkit/export/onnx_optimizer.py)."""
+    optimize_model(model)
 
 
 @contextlib.contextmanager

@@ -1,4 +1,4 @@
-"""Complex tensors as real pairs for ONNX (accelkit/export/complex_pairs.py), on toy graphs and real pipelines."""
+"""Complex tensors as real pairs for ONNX (accelkit/export/complex_pairs.py): toy graphs, real pipelines."""
 
 from __future__ import annotations
 
