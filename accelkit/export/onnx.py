@@ -45,6 +45,7 @@ from torch import fx
 
 from accelkit._io import atomic_directory, atomic_write_json
 from accelkit.capture.graph import clone_graph_module
+from accelkit.export.complex_pairs import complex_as_real_pairs
 from accelkit.export.lowerings import (
     LoweringError,
     OnnxExportError,
@@ -53,6 +54,7 @@ from accelkit.export.lowerings import (
     register_onnx_lowering,
     translation_table,
 )
+from accelkit.export.onnx_optimizer import optimize_model
 from accelkit.kernels.registry import load_builtin_ops, op_call
 from accelkit.passes.base import GraphVariant, Program
 
@@ -330,12 +332,8 @@ def _find_cause(
 
 
 def _optimize(model: Any) -> None:
-    """onnxscript's optimizer as ``torch.onnx.export(optimize=True)`` runs it, keeping local functions."""
-    import onnxscript.optimizer
-    import onnxscript.rewriter.onnx_fusions
-
-    onnxscript.optimizer.optimize_ir(model, inline=False)
-    onnxscript.rewriter.onnx_fusions.fuse(model)
+    """onnxscript's optimizer, keeping local functions and epsilons (accelkit/export/onnx_optimizer.py)."""
+    optimize_model(model)
 
 
 @contextlib.contextmanager
@@ -565,7 +563,7 @@ def _variant_call(
         )
     input_names, output_names = _onnx_names(graph, variant, name)
     first = args[0] if graph.input_names else None
-    module = _prepare_module(variant.module)
+    module = complex_as_real_pairs(_prepare_module(variant.module))
     return _VariantCall(
         name=name,
         module=module,
