@@ -60,7 +60,7 @@ def run_one(label: str, args: argparse.Namespace) -> dict:
     baseline = evaluator.calib.generate(evaluator.base, prompts, seed_offset=10_000).images
     trials = [t for t in session.study.trials if t.state.name == "COMPLETE" and "skipped" not in t.user_attrs]
     rows = []
-    from accelkit.search.optimize import _program_from_resolved
+    from accelkit.search.objective import _program_from_resolved
 
     for target, budget in zip(sorted(args.budgets), report["budgets"], strict=True):
         feasible = [t for t in trials if t.user_attrs.get("speedup", 0) >= target * 0.98]
