@@ -142,6 +142,23 @@ def call_signature_defaults(pipe: Any) -> dict[str, Any]:
     return {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
 
 
+def scheduler_with(scheduler: Any, overrides: Mapping[str, Any]) -> Any:
+    """A new scheduler of ``scheduler``'s class and config with ``overrides`` set; ``scheduler`` is unchanged.
+
+    Raises:
+        InputError: the scheduler's config has no such key (the plan was made for another scheduler).
+    """
+    config = dict(getattr(scheduler, "config", {}))
+    missing = sorted(key for key in overrides if key not in config)
+    if missing:
+        raise InputError(
+            f"{type(scheduler).__name__} has no {', '.join(missing)} setting, which the plan sets: use the "
+            "scheduler the plan was made with, or optimize again"
+        )
+    # As keyword arguments: from_config drops config keys listed in ``_use_default_values``.
+    return type(scheduler).from_config(config, **overrides)
+
+
 def accepts_argument(pipe: Any, name: str, *, through_var_keyword: bool = False) -> bool:
     """Whether the pipeline's ``__call__`` names ``name`` (or, optionally, takes any keyword via ``**kwargs``)."""
     try:

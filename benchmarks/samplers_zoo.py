@@ -1,9 +1,10 @@
 """Issue 18: per sampler, does ``accelkit optimize`` ever return a plan below running fewer steps?
 
 For each scheduler configuration on ``zoo:shapes`` (FlowMatch Euler, and the flow-matching configurations
-of DPM-Solver++ 2M and UniPC) and budgets 2x/3x/4x: the fewer-steps reference (the most steps
+of DPM-Solver++ 2M, UniPC and DEIS) and budgets 2x/3x/4x: the fewer-steps reference (the most steps
 meeting the budget, default spacing), the best equalized-placement trial, the best trial with a cache,
-and the plan ``optimize`` chose, all measured on the held-out evaluation prompts.
+the best trial with another solver order (where the scheduler has one), and the plan ``optimize``
+chose, all measured on the held-out evaluation prompts.
 
     python benchmarks/samplers_zoo.py --steps 20 --trials 9 --out samplers.json
 """
@@ -21,8 +22,10 @@ SCHEDULERS = {
     "DPM-Solver++ 2M (flow)": ("DPMSolverMultistepScheduler", {**FLOW, "solver_order": 2,
                                                                 "algorithm_type": "dpmsolver++"}),
     "UniPC (flow)": ("UniPCMultistepScheduler", FLOW),
+    "DEIS (flow)": ("DEISMultistepScheduler", FLOW),
 }
-# EulerDiscreteScheduler has no flow-prediction mode in diffusers 0.42: its flow configuration is FlowMatch Euler.
+# EulerDiscreteScheduler has no flow-prediction mode in diffusers 0.42 (no use_flow_sigmas; its step() rejects
+# prediction_type='flow_prediction'): its flow configuration is FlowMatch Euler.
 
 
 def run_one(label: str, args: argparse.Namespace) -> dict:
@@ -57,7 +60,7 @@ def run_one(label: str, args: argparse.Namespace) -> dict:
     baseline = evaluator.calib.generate(evaluator.base, prompts, seed_offset=10_000).images
     trials = [t for t in session.study.trials if t.state.name == "COMPLETE" and "skipped" not in t.user_attrs]
     rows = []
-    from accelkit.search.optimize import _program_from_resolved
+    from accelkit.search.objective import _program_from_resolved
 
     for target, budget in zip(sorted(args.budgets), report["budgets"], strict=True):
         feasible = [t for t in trials if t.user_attrs.get("speedup", 0) >= target * 0.98]
@@ -67,6 +70,8 @@ def run_one(label: str, args: argparse.Namespace) -> dict:
         groups = {
             "placement": [t for t in feasible if t.user_attrs["passes"].get("steps", {}).get("sigmas")],
             "cache": [t for t in feasible if t.user_attrs["passes"].get("cache", {}).get("full_step_mask")],
+            "order": [t for t in feasible if any(t.user_attrs["passes"].get("steps", {}).get(key) is not None
+                                                 for key in ("solver_order", "lower_order_final"))],
         }
         for key, group in groups.items():
             if not group:
@@ -75,7 +80,10 @@ def run_one(label: str, args: argparse.Namespace) -> dict:
             best = max(group, key=lambda t: t.values[1])  # best on calibration, measured held-out
             program = _program_from_resolved(evaluator, best.user_attrs["passes"])
             metrics, _ = evaluator.fidelity(program, prompts, baseline, 10_000)
-            row[key] = {"psnr": metrics["psnr"], "speedup": best.user_attrs["speedup"], "trial": best.number}
+            steps = best.user_attrs["passes"].get("steps", {})
+            row[key] = {"psnr": metrics["psnr"], "speedup": best.user_attrs["speedup"], "trial": best.number,
+                        "solver_order": steps.get("solver_order"),
+                        "lower_order_final": steps.get("lower_order_final")}
         rows.append(row)
     return {"scheduler": label, "class": name, "overrides": overrides, "seconds": time.time() - start,
             "rows": rows, "notes": report.get("notes", [])}
@@ -107,7 +115,7 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(results, indent=1, default=str))
         for row in results[-1]["rows"]:
             cells = [f"{row['budget']}", f"fewer {row['fewer_steps']['psnr']:.1f}"]
-            for key in ("placement", "cache"):
+            for key in ("placement", "cache", "order"):
                 cells.append(f"{key} {row[key]['psnr']:.1f}" if row[key] else f"{key} -")
             cells.append(f"chosen {row['chosen']['psnr']:.1f} ({row['chosen']['speedup']:.2f}x)")
             print(results[-1]["scheduler"], " | ".join(cells), flush=True)

@@ -191,6 +191,9 @@ class Program:
         schedule: the variant run at each denoising step (its length is the step count).
         sigmas: the sampler's sigmas/timesteps set by the ``steps`` pass, or None for the default.
         timestep_kind: ``"sigmas"`` or ``"timesteps"``: which pipeline argument ``sigmas`` feeds.
+        scheduler_overrides: scheduler config values the program runs with (set by the ``steps`` pass,
+            e.g. the solver order); the runtime applies them to a copy of the pipeline's scheduler for
+            each generation and leaves the pipeline's own scheduler unchanged.
         step_scalars: per-step scalar values by name (length = number of steps).
         new_weights: tensors a pass created (quantized weights ...), saved with the plan.
         applied: names of the passes applied so far, in order.
@@ -203,6 +206,7 @@ class Program:
     schedule: tuple[str, ...]
     sigmas: tuple[float, ...] | None = None
     timestep_kind: str = "sigmas"
+    scheduler_overrides: Mapping[str, Any] = field(default_factory=dict)
     step_scalars: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
     new_weights: Mapping[str, torch.Tensor] = field(default_factory=dict)
     applied: tuple[str, ...] = ()

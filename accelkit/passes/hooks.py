@@ -141,6 +141,8 @@ class PassHooks:
             sentence for the report's notes).
         ablations: ``(resolved, stats) -> {key: Ablation}``: variants of the chosen plan worth measuring.
         precision: ``(resolved) -> PrecisionClaim | None``: what an exported engine must compute in.
+        space: ``(facts) -> {field: domain}``: the pass's search space on this model, given what its
+            probe measured (default: the config's ``SEARCH_SPACE``); a knob the model lacks is left out.
     """
 
     describe: Describe | None = None
@@ -150,3 +152,4 @@ class PassHooks:
     probe: Callable[[ProbeContext], Mapping[str, Any]] | None = None
     ablations: Callable[[Mapping[str, Any], Mapping[str, Any]], Mapping[str, Ablation]] | None = None
     precision: Callable[[Mapping[str, Any]], PrecisionClaim | None] | None = None
+    space: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None

@@ -20,6 +20,13 @@ scheduler itself (whatever its shift, ``mu`` or timestep table), and stored in `
 ``Program.timestep_kind`` naming the argument. A scheduler that takes neither (DDIM, Euler ancestral
 in diffusers 0.42), or rejects custom steps in its configuration, keeps the default spacing: the pass
 then records why in ``stats["placement_note"]`` instead of failing.
+
+The solver order is a knob of its own where the scheduler has one (``solver_order`` in the config of
+DPM-Solver multistep/singlestep, UniPC, DEIS): with fewer, longer steps a lower order can be the more
+stable one, and ``lower_order_final`` drops the order over the last steps (DPM-Solver and DEIS below
+15 steps, UniPC always). Both reach the sampler as ``Program.scheduler_overrides``, which the runtime
+applies to a copy of the pipeline's scheduler per generation. The probe lists the orders the scheduler
+takes, and the knobs enter the search space only for schedulers that have them.
 """
 
 from __future__ import annotations
@@ -47,7 +54,15 @@ from accelkit.passes.base import (
     register_pass,
     run_passes,
 )
-from accelkit.passes.hooks import BUDGET_TOLERANCE, PassHooks, ProbeContext, Seed, SeedRequest, Share
+from accelkit.passes.hooks import (
+    BUDGET_TOLERANCE,
+    SPLIT_PRIORITY,
+    PassHooks,
+    ProbeContext,
+    Seed,
+    SeedRequest,
+    Share,
+)
 
 __all__ = [
     "PLACEMENTS",
@@ -58,6 +73,7 @@ __all__ = [
     "pipeline_schedule",
     "placement_unavailable",
     "solver_order",
+    "solver_order_facts",
     "steps",
 ]
 
@@ -73,6 +89,9 @@ _UNSUPPORTED_OPTIONS = (
     "invert_sigmas",
 )
 _STATE = "steps.prediction"
+#: The highest solver order diffusers implements per scheduler (DPM-Solver, DEIS: 3; UniPC takes any
+#: order, but above 3 it is unstable and not recommended); classes not listed: 3.
+_MAX_SOLVER_ORDER = {"CosineDPMSolverMultistepScheduler": 2}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -91,6 +110,10 @@ class StepsConfig(PassConfig):
             without the terminal 0 for FlowMatch; ``timesteps``: training timesteps); when given no
             calibration runs (plans store them).
         timestep_kind: which pipeline argument ``sigmas`` feeds: ``"sigmas"`` or ``"timesteps"``.
+        solver_order: the scheduler's ``solver_order`` to run with (None: the scheduler's own);
+            only for schedulers that have one.
+        lower_order_final: the scheduler's ``lower_order_final`` to run with (None: its own): lower the
+            order over the last steps; only for schedulers that have it.
     """
 
     fraction: float = 1.0
@@ -99,6 +122,8 @@ class StepsConfig(PassConfig):
     num_steps: int | None = None
     sigmas: tuple[float, ...] | None = None
     timestep_kind: str = "sigmas"
+    solver_order: int | None = None
+    lower_order_final: bool | None = None
 
     SEARCH_SPACE: ClassVar = {
         # Down to 0.1: fewer steps alone must be able to reach 5x-10x budgets.
@@ -126,6 +151,13 @@ class StepsConfig(PassConfig):
             raise InputError(f"steps.num_steps must be an integer >= 1 or None, got {self.num_steps!r}")
         if self.timestep_kind not in TIMESTEP_KINDS:
             raise InputError(f"steps.timestep_kind must be one of {TIMESTEP_KINDS}, got {self.timestep_kind!r}")
+        if self.solver_order is not None and (
+            isinstance(self.solver_order, bool) or not isinstance(self.solver_order, int)
+            or not 1 <= self.solver_order <= 3
+        ):
+            raise InputError(f"steps.solver_order must be 1, 2, 3 or None, got {self.solver_order!r}")
+        if self.lower_order_final is not None and not isinstance(self.lower_order_final, bool):
+            raise InputError(f"steps.lower_order_final must be true, false or None, got {self.lower_order_final!r}")
         if self.sigmas is not None:
             values = np.asarray(self.sigmas, dtype=np.float64) if len(self.sigmas) else np.zeros(0)
             if values.ndim != 1 or values.size == 0:
@@ -151,12 +183,18 @@ class StepsConfig(PassConfig):
             return baseline
         return int(min(baseline, max(2, round(self.fraction * baseline))))
 
+    def scheduler_overrides(self) -> dict[str, Any]:
+        """The scheduler config values this config sets (none for the scheduler's own)."""
+        values = {"solver_order": self.solver_order, "lower_order_final": self.lower_order_final}
+        return {key: value for key, value in values.items() if value is not None}
+
     def is_noop(self) -> bool:
         return (
             self.fraction == 1.0
             and self.placement == "default"
             and self.num_steps is None
             and self.sigmas is None
+            and not self.scheduler_overrides()
         )
 
 
@@ -439,7 +477,7 @@ def _equalized(
     mapping = _argument_map(scheduler, extra, count)
     key = calib.cache_key("steps-density", program)
     density = calib.cached_array(key, lambda: _measure_density(calib, program, baseline.sigmas))
-    order = solver_order(scheduler)
+    order = config.solver_order or solver_order(scheduler)
     effective = equalize_local_error(
         baseline.sigmas, density, count, order=order, blend=config.blend, reference=reference.sigmas
     )
@@ -480,12 +518,23 @@ def fewer_steps_for(num_steps: int, target: float) -> int | None:
 
 
 def describe(resolved: Mapping[str, Any], stats: Mapping[str, Any]) -> str | None:
-    """The step count and spacing, in words."""
+    """The step count, spacing and solver order, in words."""
     before, after = stats.get("steps_before"), stats.get("steps_after")
-    if before is None or after == before:
+    order = _describe_order(resolved)
+    if before is None or (after == before and not order):
         return None
     placement = "equalized-error" if stats.get("sigmas") is not None else "default"
-    return f"run {after} of {before} sampler steps ({placement} spacing)"
+    return f"run {after} of {before} sampler steps ({placement} spacing{order})"
+
+
+def _describe_order(resolved: Mapping[str, Any]) -> str:
+    parts = []
+    if resolved.get("solver_order") is not None:
+        parts.append(f"solver order {resolved['solver_order']}")
+    if resolved.get("lower_order_final") is not None:
+        parts.append("lower order over the last steps" if resolved["lower_order_final"]
+                     else "full order to the last step")
+    return "".join(f", {part}" for part in parts)
 
 
 def _share_of_steps(num_steps: int | None, target: float) -> float | None:
@@ -505,8 +554,60 @@ def seeds(request: SeedRequest) -> list[Seed]:
     if share is None:
         return []
     placements = request.facts.get("placements", PLACEMENTS)
-    return [Seed({"fraction": share, "placement": placement, "blend": 1.0}, priority)
-            for priority, placement in enumerate(placements[:2])]
+    seeds = [Seed({"fraction": share, "placement": placement, "blend": 1.0}, priority)
+             for priority, placement in enumerate(placements[:2])]
+    # The other solver orders at the same step count, after the guaranteed candidates and the splits.
+    fewer = {"fraction": share, "placement": "default", "blend": 1.0}
+    seeds += [Seed({**fewer, **change}, SPLIT_PRIORITY + 1) for change in _order_changes(request.facts)]
+    return seeds
+
+
+def _order_changes(facts: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The solver orders other than the scheduler's own (from the probe's facts).
+
+    ``lower_order_final`` is searched but not seeded: it changes nothing for DPM-Solver++ 2M with its
+    default zero final sigma (the last step is first order either way), and seeds are few.
+    """
+    return [{"solver_order": order} for order in facts.get("solver_orders", ())]
+
+
+def space(facts: Mapping[str, Any]) -> dict[str, Any]:
+    """The search space on this scheduler: the solver-order knobs only where its config has them."""
+    domains: dict[str, Any] = dict(StepsConfig.SEARCH_SPACE)
+    if facts.get("solver_orders"):
+        # None is the scheduler's own order, so the no-op default lies in the space.
+        domains["solver_order"] = Choice((None, *facts["solver_orders"]))
+    if facts.get("lower_order_final") is not None:
+        domains["lower_order_final"] = Choice((None, not facts["lower_order_final"]))
+    return domains
+
+
+def solver_order_facts(scheduler: Any) -> dict[str, Any]:
+    """The scheduler's own solver order and the other orders it runs with; {} without the knob.
+
+    ``solver_orders`` lists the orders (1 .. the scheduler's maximum) other than its own whose copy
+    constructs; ``lower_order_final`` is the scheduler's own setting, when it has one.
+    """
+    from accelkit.pipeline_io import scheduler_with
+
+    config = dict(getattr(scheduler, "config", {}))
+    facts: dict[str, Any] = {}
+    if isinstance(config.get("solver_order"), int):
+        own = int(config["solver_order"])
+        highest = max(own, _MAX_SOLVER_ORDER.get(type(scheduler).__name__, 3))
+        others = []
+        for order in range(1, min(highest, 3) + 1):
+            if order == own:
+                continue
+            try:
+                scheduler_with(scheduler, {"solver_order": order}).set_timesteps(4)
+            except Exception:  # noqa: BLE001 - an order this configuration rejects is not searched
+                continue
+            others.append(order)
+        facts.update(solver_order=own, solver_orders=tuple(others))
+    if isinstance(config.get("lower_order_final"), bool):
+        facts["lower_order_final"] = bool(config["lower_order_final"])
+    return facts
 
 
 def shares(request: SeedRequest) -> Iterator[Share]:
@@ -529,8 +630,10 @@ def probe(context: ProbeContext) -> dict[str, Any]:
     schedulers take custom steps in general but not in their configuration (DPM-Solver++ with flow sigmas).
     """
     note = _placement_note(context)
+    scheduler = getattr(getattr(context.calib, "pipe", None), "scheduler", None)
     return {"placements": ("default",) if note else PLACEMENTS,
-            "note": f"Step placement: {note}." if note else None}
+            "note": f"Step placement: {note}." if note else None,
+            **solver_order_facts(scheduler)}
 
 
 def _placement_note(context: ProbeContext) -> str | None:
@@ -545,11 +648,20 @@ def _placement_note(context: ProbeContext) -> str | None:
     return results["steps"].stats.get("placement_note")
 
 
+def _check_overrides(scheduler: Any, overrides: Mapping[str, Any]) -> None:
+    config = getattr(scheduler, "config", {})
+    missing = [f"steps.{key}" for key in overrides if key not in config]
+    if missing:
+        raise InputError(
+            f"{', '.join(missing)}: {type(scheduler).__name__} has no such setting; leave it unset (None)"
+        )
+
+
 # ---------------------------------------------------------------- the pass
 
 
 @register_pass(StepsConfig, name="steps",
-               hooks=PassHooks(describe=describe, seeds=seeds, shares=shares, probe=probe))
+               hooks=PassHooks(describe=describe, seeds=seeds, shares=shares, probe=probe, space=space))
 def steps(program: Program, config: StepsConfig, calib: Any) -> PassResult:
     """Set the number of denoising steps and, for equalized placement, their sigmas.
 
@@ -582,7 +694,12 @@ def steps(program: Program, config: StepsConfig, calib: Any) -> PassResult:
             f"{sorted(program.step_scalars)}; apply 'steps' first"
         )
     count = config.resolve_num_steps(before)
-    stats: dict[str, Any] = {"steps_before": before, "steps_after": count, "placement": config.placement}
+    overrides = config.scheduler_overrides()
+    scheduler = getattr(getattr(calib, "pipe", None), "scheduler", None)
+    if overrides and scheduler is not None:
+        _check_overrides(scheduler, overrides)
+    stats: dict[str, Any] = {"steps_before": before, "steps_after": count, "placement": config.placement,
+                             "scheduler_overrides": overrides}
     kind = config.timestep_kind
     if config.sigmas is not None:
         arguments: tuple[float, ...] | None = tuple(float(s) for s in config.sigmas)
@@ -610,9 +727,12 @@ def steps(program: Program, config: StepsConfig, calib: Any) -> PassResult:
         num_steps=count,
         sigmas=arguments,
         timestep_kind=kind,
+        solver_order=config.solver_order,
+        lower_order_final=config.lower_order_final,
     )
-    if count == before and arguments is None and program.sigmas is None:
+    if count == before and arguments is None and program.sigmas is None and not overrides:
         # Same step count at the pipeline's own spacing: the program is already that.
         return PassResult(program, modified=False, stats=stats, resolved_config=resolved)
-    new_program = program.replace(schedule=("full",) * count, sigmas=arguments, timestep_kind=kind)
+    new_program = program.replace(schedule=("full",) * count, sigmas=arguments, timestep_kind=kind,
+                                  scheduler_overrides=overrides)
     return PassResult(new_program, modified=True, stats=stats, resolved_config=resolved)

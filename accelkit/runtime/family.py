@@ -51,7 +51,9 @@ class Recipe:
         ``run_passes`` records each pass's resolved config; a program with variants but no record (a pass
         function called directly) cannot be rebuilt.
         """
-        if not program.applied and (set(program.variants) != {"full"} or program.sigmas is not None):
+        if not program.applied and (
+            set(program.variants) != {"full"} or program.sigmas is not None or program.scheduler_overrides
+        ):
             return None
         configs = tuple(config_from_dict(name, program.resolved[name]) for name in program.applied)
         if baseline_steps is None:

@@ -28,6 +28,7 @@ from accelkit.pipeline_io import (  # noqa: F401
     family_of,
     find_denoiser,
     positional_parameter_names,
+    scheduler_with,
 )
 from accelkit.runtime.executor import ProgramExecutor
 from accelkit.runtime.family import ProgramFamily, Recipe, StepSelection, steps_mismatch_message
@@ -157,14 +158,33 @@ def original_forward(denoiser: torch.nn.Module) -> Iterator[torch.nn.Module]:
             denoiser.forward = saved
 
 
+@contextlib.contextmanager
+def scheduler_overridden(pipe: Any, overrides: Any) -> Iterator[None]:
+    """``pipe`` runs a copy of its scheduler with the program's config ``overrides``; its own is put back after.
+
+    A copy, not the scheduler itself: schedulers derive state from their config at construction (the
+    multistep history's length), and the user's pipeline must come back exactly as it was.
+    """
+    if not overrides:
+        yield
+        return
+    original = pipe.scheduler
+    pipe.scheduler = scheduler_with(original, overrides)
+    try:
+        yield
+    finally:
+        pipe.scheduler = original
+
+
 class AcceleratedPipeline:
     """A diffusers pipeline whose denoiser runs an accelkit :class:`Program`.
 
     Calls behave like the wrapped pipeline's, at any batch size, resolution and step count: a call the
     plan was not made for runs the program derived for it (captured once per new denoiser input
     shape, schedule re-derived once per step count); the plan's own settings run the plan's program.
-    When the ``steps`` pass chose the sigmas, they come from the program. Other attributes are the
-    wrapped pipeline's.
+    When the ``steps`` pass chose the sigmas, they come from the program; its scheduler overrides (the
+    solver order) apply to a copy of the scheduler during each call. Other attributes are the wrapped
+    pipeline's.
 
     Args:
         pipe: the diffusers pipeline (modified in place until :meth:`restore`).
@@ -249,7 +269,8 @@ class AcceleratedPipeline:
             # An array: UniPC's flow path shifts it with numpy (a list fails there).
             kwargs[kind] = np.asarray(program.sigmas, dtype=np.float64)
         self.forward.reset()
-        return self.pipe(*args, **kwargs)
+        with scheduler_overridden(self.pipe, program.scheduler_overrides):
+            return self.pipe(*args, **kwargs)
 
     def check(self, prompt: Any, *, seed: int = 0, **kwargs: Any) -> float:
         """Run the original pipeline and this one once on the same noise; log and return the PSNR in dB.

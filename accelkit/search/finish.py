@@ -51,6 +51,7 @@ class _Validation:
         acting = {name: data for name, data in resolved.items()
                   if name != "steps" and not config_from_dict(name, data).is_noop()}
         return (program.num_steps, program.sigmas, program.timestep_kind, program.schedule,
+                json.dumps(dict(program.scheduler_overrides), sort_keys=True, default=repr),
                 json.dumps(acting, sort_keys=True, default=repr))
 
     def per_prompt(self, resolved: dict[str, Any]) -> list[float]:

@@ -3,7 +3,7 @@ trial objective Optuna calls, and the guaranteed seed trials from the passes' pr
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -72,10 +72,12 @@ def _program_from_resolved(evaluator: Evaluator, resolved: dict[str, dict[str, A
 
 
 def trial_objective(evaluator: Evaluator, passes: Sequence[str], lowest: float,
-                    current: dict[str, Any]) -> Callable[[Any], tuple[float, float]]:
+                    current: dict[str, Any], facts: Callable[[], Mapping[str, Any]] | None = None
+                    ) -> Callable[[Any], tuple[float, float]]:
     """The function Optuna calls per trial: suggest configs, build the program, check its speed against the
     ``lowest`` budget, measure fidelity. ``current`` records the running trial's id and every number run
-    (so an interrupted process can mark its trial, and a worker count its own)."""
+    (so an interrupted process can mark its trial, and a worker count its own); ``facts`` gives the passes'
+    probe facts, which shape their search spaces."""
     import optuna
 
     from accelkit.search.space import suggest_configs
@@ -83,7 +85,8 @@ def trial_objective(evaluator: Evaluator, passes: Sequence[str], lowest: float,
     def objective(trial: Any) -> tuple[float, float]:
         current["trial_id"] = trial._trial_id
         current["numbers"].append(trial.number)
-        configs = suggest_configs(trial, passes)
+        # The passes' probe facts shape their spaces (a knob the model lacks is left out).
+        configs = suggest_configs(trial, passes, facts=facts() if facts is not None else None)
         try:
             program, resolved = evaluator.build(configs)
             speedup, cost = evaluator.speedup(program)

@@ -6,29 +6,40 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from accelkit.passes.base import Choice, FloatRange, IntRange, PassConfig, registered_passes
+from accelkit.passes.base import Choice, FloatRange, IntRange, PassConfig, SearchDomain, registered_passes
 from accelkit.passes.hooks import BUDGET_TOLERANCE, SPLIT_PRIORITY, ProbeContext, SeedRequest
 
 # BUDGET_TOLERANCE is re-exported: the search judges budgets with the tolerance the seeds are built for.
 __all__ = ["BUDGET_TOLERANCE", "SPLIT_ABOVE", "clamp_to_spaces", "default_trials", "probe_facts",
-           "suggest_configs", "with_noop_defaults"]
+           "search_space", "suggest_configs", "with_noop_defaults"]
+
+Facts = Mapping[str, Mapping[str, Any]]
 
 
-def suggest_configs(trial: Any, pass_names: Sequence[str], fixed: Mapping[str, Mapping[str, Any]] | None = None
-                    ) -> list[PassConfig]:
-    """Sample one config per pass from its ``SEARCH_SPACE``; parameters are named ``<pass>.<field>``.
+def search_space(name: str, facts: Facts | None = None) -> Mapping[str, SearchDomain]:
+    """The searched fields of pass ``name`` on this model: its ``space`` hook given its probe's facts
+    (a knob the model lacks is left out), else its config's ``SEARCH_SPACE``."""
+    entry = registered_passes()[name]
+    hook = entry.hooks.space
+    return entry.config_type.SEARCH_SPACE if hook is None else hook((facts or {}).get(name, {}))
+
+
+def suggest_configs(trial: Any, pass_names: Sequence[str], fixed: Mapping[str, Mapping[str, Any]] | None = None,
+                    *, facts: Facts | None = None) -> list[PassConfig]:
+    """Sample one config per pass from its :func:`search_space`; parameters are named ``<pass>.<field>``.
 
     Args:
         trial: an ``optuna.Trial``.
         pass_names: the passes to configure, in canonical order.
         fixed: per pass, field values that override the search (not sampled).
+        facts: per pass, what its probe measured (:func:`probe_facts`); shapes the spaces.
     """
     passes = registered_passes()
     configs: list[PassConfig] = []
     for name in pass_names:
         config_type = passes[name].config_type
         values: dict[str, Any] = {}
-        for field, domain in config_type.SEARCH_SPACE.items():
+        for field, domain in search_space(name, facts).items():
             key = f"{name}.{field}"
             if fixed and field in fixed.get(name, {}):
                 values[field] = fixed[name][field]
@@ -76,7 +87,7 @@ def default_trials(pass_names: Sequence[str], targets: Sequence[float], *, num_s
         if target > SPLIT_ABOVE:
             ranked.extend((SPLIT_PRIORITY, split) for split in _splits(chosen, target, num_steps, facts))
     ranked.sort(key=lambda pair: pair[0])
-    return [clamp_to_spaces(with_noop_defaults(seed, pass_names), pass_names) for _, seed in ranked]
+    return [clamp_to_spaces(with_noop_defaults(seed, pass_names, facts), pass_names, facts) for _, seed in ranked]
 
 
 def _splits(names: Sequence[str], target: float, num_steps: int | None,
@@ -111,7 +122,8 @@ def probe_facts(pass_names: Sequence[str], context: ProbeContext) -> dict[str, d
             if name in passes and (probe := passes[name].hooks.probe) is not None}
 
 
-def with_noop_defaults(params: dict[str, Any], pass_names: Sequence[str]) -> dict[str, Any]:
+def with_noop_defaults(params: dict[str, Any], pass_names: Sequence[str], facts: Facts | None = None
+                       ) -> dict[str, Any]:
     """``params`` completed with each pass's default value for every searched field it leaves out.
 
     Every pass's default config is its no-op, so a seed that names only some passes runs the other
@@ -124,14 +136,14 @@ def with_noop_defaults(params: dict[str, Any], pass_names: Sequence[str]) -> dic
     for name in pass_names:
         if name not in passes:
             continue
-        config_type = passes[name].config_type
-        default = config_type()
-        for field in config_type.SEARCH_SPACE:
+        default = passes[name].config_type()
+        for field in search_space(name, facts):
             completed.setdefault(f"{name}.{field}", getattr(default, field))
     return completed
 
 
-def clamp_to_spaces(params: dict[str, Any], pass_names: Sequence[str]) -> dict[str, Any]:
+def clamp_to_spaces(params: dict[str, Any], pass_names: Sequence[str], facts: Facts | None = None
+                    ) -> dict[str, Any]:
     """Clamp seeded values into their passes' declared ranges (Optuna rejects values outside them)."""
     passes = registered_passes()
     clamped = dict(params)
@@ -140,7 +152,7 @@ def clamp_to_spaces(params: dict[str, Any], pass_names: Sequence[str]) -> dict[s
         if name not in pass_names or name not in passes:
             clamped.pop(key)
             continue
-        domain = passes[name].config_type.SEARCH_SPACE.get(field)
+        domain = search_space(name, facts).get(field)
         if isinstance(domain, IntRange | FloatRange):
             clamped[key] = type(value)(min(domain.high, max(domain.low, value)))
     return clamped

@@ -17,7 +17,7 @@ import torch
 
 from accelkit.errors import InputError
 from accelkit.passes.base import Program
-from accelkit.search.objective import Evaluator, _seed_trials, trial_objective
+from accelkit.search.objective import Evaluator, _probe_facts, _seed_trials, trial_objective
 from accelkit.search.settings import (
     SPEEDUP_TOLERANCE,
     OptimizeSettings,
@@ -211,7 +211,8 @@ class SearchSession:
 
     def objective(self) -> Callable[[Any], tuple[float, float]]:
         """The trial function: build the program, check the speed, measure fidelity."""
-        return trial_objective(self.evaluator, self.settings.passes, self.targets[0], self.current)
+        return trial_objective(self.evaluator, self.settings.passes, self.targets[0], self.current,
+                               lambda: _probe_facts(self.settings, self.evaluator, self.targets))
 
     def __post_init__(self) -> None:
         #: the trial this process runs now, and the numbers of all it ran
