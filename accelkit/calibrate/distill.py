@@ -474,8 +474,9 @@ def recover_plan(
     from accelkit.calibrate import Calibrator
     from accelkit.loading import load_pipeline
     from accelkit.passes.base import PASS_ORDER, Program, config_from_dict, run_passes
-    from accelkit.passes.prune import RECOVERED_WEIGHT_PREFIX, record_calibration_inputs, recovered_weight_key
+    from accelkit.passes.prune import RECOVERED_WEIGHT_PREFIX, recovered_weight_key
     from accelkit.report.metrics import fidelity
+    from accelkit.runtime.pipeline import AcceleratedPipeline
     from accelkit.runtime.plan import build_program, read_plan, write_plan_json
     from accelkit.search.optimize import OptimizeSettings, _prompt_sets
 
@@ -519,9 +520,9 @@ def recover_plan(
 
     generation = plan.data["generation"]
     calib = Calibrator(pipe, train_prompts, height=generation["height"], width=generation["width"],
-                       guidance_scale=generation["guidance_scale"], seed=seed)
+                       guidance_scale=generation["guidance_scale"], seed=seed, run_program=AcceleratedPipeline)
     say(f"recording teacher trajectories on {len(train_prompts)} training prompts ...")
-    calls = record_calibration_inputs(teacher_program, calib, max_calls=10**9)
+    calls = calib.denoiser_inputs(teacher_program, 10**9)
     say(f"distilling {len(removed)} removed block(s) ({', '.join(removed)}) on {len(calls)} recorded calls")
     teacher = teacher_program.variants["full"].module
     student = pruned_program.variants["full"].module
@@ -537,7 +538,7 @@ def recover_plan(
 
     say(f"evaluating on {len(held_out)} held-out prompts ...")
     evaluator = Calibrator(pipe, held_out, height=generation["height"], width=generation["width"],
-                           guidance_scale=generation["guidance_scale"], seed=seed)
+                           guidance_scale=generation["guidance_scale"], seed=seed, run_program=AcceleratedPipeline)
     reference = evaluator.generate(baseline, seed_offset=EVAL_SEED_OFFSET).images
     before = fidelity(evaluator.generate(unrecovered, seed_offset=EVAL_SEED_OFFSET).images, reference)
     after = fidelity(evaluator.generate(recovered_program, seed_offset=EVAL_SEED_OFFSET).images, reference)

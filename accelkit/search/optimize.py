@@ -631,6 +631,7 @@ def prepare_search(settings: OptimizeSettings, *, role: str = "optimize", consol
     from accelkit.calibrate import Calibrator
     from accelkit.loading import load_pipeline, weights_fingerprint
     from accelkit.pipeline_io import probe_and_capture
+    from accelkit.runtime.pipeline import AcceleratedPipeline
     from accelkit.search.cost import device_spec
     if role not in COMPARED_FIELDS:
         raise ValueError(f"unknown role {role!r}")
@@ -705,7 +706,8 @@ def prepare_search(settings: OptimizeSettings, *, role: str = "optimize", consol
                        guidance_scale=generation["guidance_scale"], seed=settings.seed,
                        num_frames=generation.get("num_frames"), weights_hash=weights_hash,
                        cache_dir=out / "calibration" if out is not None else None,
-                       extra_call_kwargs=dict(generation.get("call_arguments", {})))
+                       extra_call_kwargs=dict(generation.get("call_arguments", {})),
+                       run_program=AcceleratedPipeline)
     evaluator = Evaluator(base=base, calib=calib, spec=spec,
                           latency_inputs=calls[0] if settings.cost == "latency" else None)
     if role == "optimize" and not any(t.state.is_finished() for t in study.trials) or role == "worker" and created:
