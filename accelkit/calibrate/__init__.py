@@ -196,7 +196,9 @@ class Calibrator:
         kwargs["num_inference_steps"] = num_steps
         return read_pipeline_schedule(self.pipe, kwargs)
 
-    def cached(self, kind: str, program: Program, compute: Callable[[], np.ndarray], **parts: Any) -> np.ndarray:
+    def cached(
+        self, kind: str, program: Program, compute: Callable[[], np.ndarray], **parts: Any
+    ) -> np.ndarray:
         """The measurement ``kind`` of ``program`` from the cache (:meth:`cache_key`), computed on a miss."""
         return self.cached_array(self.cache_key(kind, program, **parts), compute)
 

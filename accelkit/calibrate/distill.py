@@ -520,7 +520,8 @@ def recover_plan(
 
     generation = plan.data["generation"]
     calib = Calibrator(pipe, train_prompts, height=generation["height"], width=generation["width"],
-                       guidance_scale=generation["guidance_scale"], seed=seed, run_program=AcceleratedPipeline)
+                       guidance_scale=generation["guidance_scale"], seed=seed,
+                       run_program=AcceleratedPipeline)
     say(f"recording teacher trajectories on {len(train_prompts)} training prompts ...")
     calls = calib.denoiser_inputs(teacher_program, 10**9)
     say(f"distilling {len(removed)} removed block(s) ({', '.join(removed)}) on {len(calls)} recorded calls")
@@ -538,7 +539,8 @@ def recover_plan(
 
     say(f"evaluating on {len(held_out)} held-out prompts ...")
     evaluator = Calibrator(pipe, held_out, height=generation["height"], width=generation["width"],
-                           guidance_scale=generation["guidance_scale"], seed=seed, run_program=AcceleratedPipeline)
+                           guidance_scale=generation["guidance_scale"], seed=seed,
+                           run_program=AcceleratedPipeline)
     reference = evaluator.generate(baseline, seed_offset=EVAL_SEED_OFFSET).images
     before = fidelity(evaluator.generate(unrecovered, seed_offset=EVAL_SEED_OFFSET).images, reference)
     after = fidelity(evaluator.generate(recovered_program, seed_offset=EVAL_SEED_OFFSET).images, reference)

@@ -30,7 +30,7 @@ def _stop(kwargs: dict[str, Any]) -> None:
 
 @contextlib.contextmanager
 def _spying_set_timesteps(scheduler: Any) -> Iterator[dict[str, Any]]:
-    """While inside, the arguments of the scheduler's latest ``set_timesteps`` call (by name) fill the dict."""
+    """While inside, the dict holds the arguments (by name) of the latest ``set_timesteps`` call."""
     original = scheduler.set_timesteps
     signature = inspect.signature(original)
     recorded: dict[str, Any] = {}
@@ -50,7 +50,7 @@ def _spying_set_timesteps(scheduler: Any) -> Iterator[dict[str, Any]]:
 
 
 def read_pipeline_schedule(pipe: Any, call_kwargs: dict[str, Any]) -> PipelineSchedule:
-    """The schedule ``pipe(**call_kwargs)`` sets (``num_inference_steps`` among them); the denoiser never runs.
+    """The schedule ``pipe(**call_kwargs)`` sets for its ``num_inference_steps``; the denoiser never runs.
 
     Raises:
         InputError: the scheduler sets another number of sigmas than ``num_inference_steps + 1`` (Heun).

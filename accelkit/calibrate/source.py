@@ -78,11 +78,13 @@ class SchedulerFacts:
     class_name: str
     config: Mapping[str, Any]
     custom_arguments: tuple[str, ...]
-    effective_sigmas: Callable[[str, np.ndarray, Mapping[str, Any]], np.ndarray] = field(repr=False, compare=False)
+    effective_sigmas: Callable[[str, np.ndarray, Mapping[str, Any]], np.ndarray] = field(
+        repr=False, compare=False
+    )
 
     @classmethod
     def of(cls, scheduler: Any) -> SchedulerFacts:
-        """The facts of a diffusers scheduler (``None``, or a non-scheduler, gives a scheduler taking nothing)."""
+        """The facts of a diffusers scheduler (``None`` gives a scheduler taking no custom steps)."""
         try:
             parameters = inspect.signature(scheduler.set_timesteps).parameters
         except (AttributeError, TypeError, ValueError):
@@ -141,14 +143,16 @@ class CalibrationSource(Protocol):
         ...
 
     def denoiser_inputs(self, program: Program, n: int) -> list[list[torch.Tensor]]:
-        """Flat graph inputs of ``n`` denoiser calls spread over the calibration generations of ``program``."""
+        """Flat graph inputs of ``n`` denoiser calls spread over calibration generations of ``program``."""
         ...
 
     def pipeline_schedule(self, num_steps: int) -> PipelineSchedule:
         """The schedule the pipeline sets by default for ``num_steps`` steps."""
         ...
 
-    def cached(self, kind: str, program: Program, compute: Callable[[], np.ndarray], **parts: Any) -> np.ndarray:
+    def cached(
+        self, kind: str, program: Program, compute: Callable[[], np.ndarray], **parts: Any
+    ) -> np.ndarray:
         """The measurement ``kind`` of ``program`` (keyed also on ``parts``), computed on a miss."""
         ...
 
@@ -171,4 +175,6 @@ class ProgramRunner(Protocol):
     recover) supplies it, so calibration itself imports no runtime.
     """
 
-    def __call__(self, pipe: Any, program: Program, *, observer: StateObserver | None = None) -> RunningProgram: ...
+    def __call__(
+        self, pipe: Any, program: Program, *, observer: StateObserver | None = None
+    ) -> RunningProgram: ...

@@ -545,8 +545,10 @@ def cache(program: Program, config: CacheConfig, calib: CalibrationSource | None
             probe = program.replace(variants={**program.variants, **writers})
             # A fixed profiling window keeps one cached prior valid for every full-step count.
             interval = min(steps - 1, PRIOR_MAX_INTERVAL)
-            prior = calib.cached("cache-prior", program, lambda: profile_prior(calib, probe, config.prior, interval),
-                                 span=[span.start, span.stop], prior=config.prior, interval=interval)
+            prior = calib.cached(
+                "cache-prior", program, lambda: profile_prior(calib, probe, config.prior, interval),
+                span=[span.start, span.stop], prior=config.prior, interval=interval,
+            )
             try:
                 mask = schedules.dp_schedule(prior, full_steps, weighting=config.weighting,
                                              max_gap=max_gap if order > 1 else config.max_gap, warmup=warmup)

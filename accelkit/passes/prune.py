@@ -378,10 +378,11 @@ def _calibrated_scores(
         return calls_cache[0]
 
     module = program.variants["full"].module
-    scores = calib.cached(
-        "prune-scores", program, lambda: score_blocks(module, candidates, calls(), program.graph.num_user_outputs),
-        candidates=[c.name for c in candidates], calls=max_calls,
-    )
+    def compute() -> np.ndarray:
+        return score_blocks(module, candidates, calls(), program.graph.num_user_outputs)
+
+    names = [c.name for c in candidates]
+    scores = calib.cached("prune-scores", program, compute, candidates=names, calls=max_calls)
     return np.asarray(scores, dtype=np.float64), calls
 
 

@@ -350,7 +350,9 @@ class RecordedInputs:
     def denoiser_inputs(self, program: Program, n: int) -> list[list[torch.Tensor]]:
         return [list(c) for c in self.calls]
 
-    def cached(self, kind: str, program: Program, compute: Callable[[], np.ndarray], **parts: Any) -> np.ndarray:
+    def cached(
+        self, kind: str, program: Program, compute: Callable[[], np.ndarray], **parts: Any
+    ) -> np.ndarray:
         return np.asarray(compute())
 
 
@@ -531,7 +533,9 @@ def precision(resolved: Mapping[str, Any]) -> PrecisionClaim:
 
 @register_pass(QuantConfig, name="quant", after=("steps", "prune"),
                hooks=PassHooks(describe=describe, precision=precision))
-def quant(program: Program, config: QuantConfig, calib: CalibrationSource | RecordedInputs | None) -> PassResult:
+def quant(
+    program: Program, config: QuantConfig, calib: CalibrationSource | RecordedInputs | None
+) -> PassResult:
     """Replace the ``full`` variant's linear layers by SVDQuant 4-bit linears.
 
     Args:

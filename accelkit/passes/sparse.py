@@ -476,9 +476,10 @@ def sparse(program: Program, config: SparseConfig, calib: CalibrationSource | No
             return profile_sites(full.module, sites, calls, config)
 
         profile = np.asarray(calib.cached(
-            "sparse-profile", program, compute, sites=[s.name for s in sites], block=[config.block_q, config.block_k],
-            text=[[s.dense_prefix, s.dense_suffix] for s in sites], similarity=config.similarity_threshold,
-            min_blocks=config.min_blocks, calls=config.calibration_calls, grid=list(TAU_GRID),
+            "sparse-profile", program, compute, sites=[s.name for s in sites],
+            block=[config.block_q, config.block_k], text=[[s.dense_prefix, s.dense_suffix] for s in sites],
+            similarity=config.similarity_threshold, min_blocks=config.min_blocks,
+            calls=config.calibration_calls, grid=list(TAU_GRID),
         ), dtype=np.float64)
         chosen = choose_taus(profile, config.l1_budget)
         taus = [TAU_GRID[i] for i in chosen]

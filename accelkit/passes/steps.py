@@ -202,10 +202,12 @@ class _ArgumentMap:
 
     def apply(self, arguments: np.ndarray) -> np.ndarray:
         """Effective sigmas (no terminal value) for ``arguments``, one per step."""
-        sigmas = self.scheduler.effective_sigmas(self.kind, np.asarray(arguments, dtype=np.float64), self.extra)
+        arguments = np.asarray(arguments, dtype=np.float64)
+        sigmas = self.scheduler.effective_sigmas(self.kind, arguments, self.extra)
         if sigmas.size != len(arguments) + 1:
             raise PlacementUnavailable(
-                f"{self.scheduler.class_name} makes {sigmas.size - 1} steps of {len(arguments)} custom {self.kind}"
+                f"{self.scheduler.class_name} makes {sigmas.size - 1} steps of {len(arguments)} "
+                f"custom {self.kind}"
             )
         return sigmas[:-1]
 
@@ -344,7 +346,8 @@ def _equalized(
         raise PlacementUnavailable(str(error).split(";")[0]) from None
     extra = reference.set_timesteps_kwargs
     mapping = _argument_map(scheduler, extra, count)
-    density = calib.cached("steps-density", program, lambda: _measure_density(calib, program, baseline.sigmas))
+    density = calib.cached("steps-density", program,
+                           lambda: _measure_density(calib, program, baseline.sigmas))
     order = solver_order(scheduler)
     effective = equalize_local_error(
         baseline.sigmas, density, count, order=order, blend=config.blend, reference=reference.sigmas

@@ -2,10 +2,10 @@
 
 :class:`OrtProgramRunner` has the interface of :class:`accelkit.runtime.executor.ProgramExecutor`
 (``run(step, branch, kwargs, return_dict)``, ``reset()``, ``program``, ``states``,
-``variant_calls``, an ``observer`` of written states), so :class:`AcceleratedPipeline`'s step-aware forward drives it
-unchanged: at each step it runs the variant the schedule names in onnxruntime, feeds the user
-inputs, the state tensors (last value, or the one before for ``"@prev"`` names, exactly as the
-PyTorch executor does) and the step's scalars, and keeps state per CFG branch.
+``variant_calls``, an ``observer`` of written states), so :class:`AcceleratedPipeline`'s step-aware
+forward drives it unchanged: at each step it runs the variant the schedule names in onnxruntime,
+feeds the user inputs, the state tensors (last value, or the one before for ``"@prev"`` names,
+exactly as the PyTorch executor does) and the step's scalars, and keeps state per CFG branch.
 
 That schedule/state logic lives in :class:`ScheduleReplayRunner`, which the TensorRT runner
 (:mod:`accelkit.runtime.trt_runner`) shares; only feeding values and running a variant differ.

@@ -354,7 +354,7 @@ def test_type_checking_imports_are_not_run_time_edges(tmp_path, monkeypatch):
     assert {"accelkit.runtime.executor", "accelkit.report.metrics"} <= imported
 
 
-# ---------------------------------------------------------------- (d) passes see calibration only through its protocol
+# ---------------------------------------------------------------- (d) passes see calibration through its protocol
 
 # What a pass must not do to the pipeline: reach it (``.pipe``), hook its denoiser, or patch its scheduler.
 PIPELINE_REACHES = (r"\.pipe\b", r"register_forward_pre_hook", r"register_forward_hook", r"set_timesteps\s*=")
@@ -366,13 +366,14 @@ def pipeline_reaches(paths: Iterable[Path]) -> list[str]:
     for path in paths:
         for number, line in enumerate(path.read_text().splitlines(), 1):
             if match := pattern.search(line):
-                found.append(f"{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}:{number}: {match.group()}")
+                where = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+                found.append(f"{where}:{number}: {match.group()}")
     return found
 
 
 def test_pipeline_reaches_finds_planted_ones(tmp_path):
     planted = tmp_path / "planted.py"
-    planted.write_text("a = calib.pipe.scheduler\nh = m.register_forward_pre_hook(f)\ns.set_timesteps = spy\n")
+    planted.write_text("a = c.pipe.scheduler\nh = m.register_forward_pre_hook(f)\ns.set_timesteps = spy\n")
     assert len(pipeline_reaches([planted])) == 3
     planted.write_text("pipeline = 1\ncalib.pipeline_schedule(3)\ns.set_timesteps(3)\n")
     assert not pipeline_reaches([planted])
@@ -380,7 +381,7 @@ def test_pipeline_reaches_finds_planted_ones(tmp_path):
 
 def test_passes_never_touch_the_pipeline():
     found = pipeline_reaches(modules_of(["passes"]))
-    assert not found, "passes reach into the pipeline; ask the CalibrationSource instead:\n" + "\n".join(found)
+    assert not found, "passes reach into the pipeline; ask the CalibrationSource:\n" + "\n".join(found)
 
 
 def test_every_pass_function_takes_a_calibration_source():

@@ -136,7 +136,8 @@ def test_pipeline_schedule_unwraps_the_scheduler_and_runs_no_denoiser_step():
     pipe = tiny_pipeline("flux")
     ran = []
     pipe.transformer.register_forward_hook(lambda *a: ran.append(1))
-    calibrator = Calibrator(pipe, ["a red circle"], 64, 64, 3.5, extra_call_kwargs={"max_sequence_length": 16})
+    short = {"max_sequence_length": 16}
+    calibrator = Calibrator(pipe, ["a red circle"], 64, 64, 3.5, extra_call_kwargs=short)
     schedule = calibrator.pipeline_schedule(3)
     assert schedule.sigmas.size == 4 and np.all(np.diff(schedule.sigmas) < 0)
     assert "mu" in schedule.set_timesteps_kwargs  # Flux shifts by resolution: the pipeline's own argument

@@ -398,7 +398,8 @@ def test_dp_schedule_after_sparse_dense_steps_with_calibrator():
     call["num_inference_steps"] = steps
     recorded = record_denoiser_calls(pipe, **call)
     graph = capture(find_denoiser(pipe)[1], recorded[0])
-    calib = Calibrator(pipe, ["a red circle"], 64, 64, call["guidance_scale"], run_program=AcceleratedPipeline)
+    calib = Calibrator(pipe, ["a red circle"], 64, 64, call["guidance_scale"],
+                       run_program=AcceleratedPipeline)
     sparse = _sparse_with_dense_steps(graph, steps, 2)
     for prior in ("residual", "end_to_end"):
         result = cache(sparse, CacheConfig(full_fraction=0.5, schedule="dp", prior=prior, max_gap=4), calib)

@@ -266,7 +266,8 @@ def test_placement_unavailable_names_schedulers_without_custom_steps():
     assert "accepts no custom timesteps or sigmas" in placement_unavailable(facts(DDIMScheduler()))
     assert "accepts no custom" in placement_unavailable(facts(EulerAncestralDiscreteScheduler()))
     assert placement_unavailable(facts(DPMSolverMultistepScheduler())) is None
-    assert "use_karras_sigmas" in placement_unavailable(facts(DPMSolverMultistepScheduler(use_karras_sigmas=True)))
+    karras = DPMSolverMultistepScheduler(use_karras_sigmas=True)
+    assert "use_karras_sigmas" in placement_unavailable(facts(karras))
     assert solver_order(facts(DPMSolverMultistepScheduler(solver_order=3))) == 3
 
 

@@ -16,7 +16,7 @@ def test_observer_sees_each_step_and_the_states_its_variant_wrote():
     config = CacheConfig(full_fraction=0.5, schedule="uniform")
     program, _ = run_passes(Program.from_graph(capture(model, kwargs), 4), [config], None)
     records = []
-    executor = ProgramExecutor(program, observer=lambda step, branch, states: records.append((step, branch, states)))
+    executor = ProgramExecutor(program, observer=lambda *record: records.append(record))
     for branch in (0, 1):
         for step in range(program.num_steps):
             executor.run(step, branch, kwargs, False)
