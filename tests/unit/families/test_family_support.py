@@ -39,12 +39,8 @@ UNSUPPORTED = {"lumina2": "unhashable type: non-nested SymInt"}
 # Families whose text tokens are as long as the prompt: the calibration, evaluation and ``run`` prompts
 # differ in token count, so these run on programs the runtime derives per new input shapes.
 PROMPT_LENGTH_TOKENS = {"zimage", "qwenimage"}
-# Known failures of one command, reason as measured.
-# (family, command) -> words of the one-line error, as measured. Both keep their rotary table as complex
-# numbers (torch.polar / a complex buffer), and torch.onnx has no lowering for ops on complex tensors.
-KNOWN_FAILURES = {("qwenimage", "export onnx"): "complex-valued input", ("zimage", "export onnx"): "complex-valued input",
-                  # intermittent (passed once, NaN on a later plan); the op is not found yet
-                  ("sana", "export onnx"): "nan > "}
+# Known failures of one command: (family, command) -> words of the one-line error, as measured.
+KNOWN_FAILURES: dict[tuple[str, str], str] = {}
 RESULTS: dict[str, dict[str, str]] = {}
 # The default suite sweeps a few families, image and video, that exercise the nested-input, call-argument
 # and video paths: the whole sweep (``ACCELKIT_FAMILY_SWEEP=all``, 40-60 min on 2 cores) does not fit CI's
@@ -262,7 +258,7 @@ def _run_family(name: str, folder: Path, out_root: Path, status: dict) -> None:
     _Step(status, "prune").check(code in (0, 3), err, "yes" if pruned else RUNS[code])
     # The export steps below need a cache plan, whether or not its validation gain over fewer steps is
     # significant: take any positive mean gain (the selection rule before the significance test).
-    from accelkit.search import optimize as search_module
+    from accelkit.search import finish as search_module
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(search_module, "SIGNIFICANCE_STANDARD_ERRORS", 0.0)
