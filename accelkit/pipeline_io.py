@@ -7,8 +7,9 @@ and how its latent is passed come from the family traits (``accelkit.families``)
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -88,6 +89,27 @@ class _EnoughCalls(Exception):
     """Raised by the recording hook once it has what was asked for; ends the pipeline call early."""
 
 
+@contextlib.contextmanager
+def observing_denoiser_calls(pipe: Any, on_call: Callable[[dict[str, Any]], None]) -> Iterator[None]:
+    """While inside, ``on_call(kwargs)`` runs before every call of the pipeline's denoiser.
+
+    The one forward pre-hook accelkit installs: ``kwargs`` are the call's keyword arguments with
+    positional ones bound to their parameter names (PixArt passes the latent positionally). The values
+    are the pipeline's own tensors (copy what you keep); ``on_call`` may raise to end the generation.
+    """
+    _, denoiser = find_denoiser(pipe)
+    positional = positional_parameter_names(denoiser)
+
+    def hook(module: Any, args: Any, kwargs: Any) -> None:
+        on_call(bind_positional(positional, args, dict(kwargs)))
+
+    handle = denoiser.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def record_denoiser_calls(pipe: Any, *, max_calls: int | None = None, **call_kwargs: Any) -> list[dict[str, Any]]:
     """Run the pipeline once and return the keyword arguments of every denoiser call, in order.
 
@@ -103,19 +125,15 @@ def record_denoiser_calls(pipe: Any, *, max_calls: int | None = None, **call_kwa
         InputError: the pipeline rejects the arguments (its own ``ValueError``, in one line) or never
             calls its denoiser.
     """
-    _, denoiser = find_denoiser(pipe)
     calls: list[dict[str, Any]] = []
-    positional = positional_parameter_names(denoiser)
 
-    def hook(module, args, kwargs):
-        # PixArt passes the latent positionally: record it under its parameter name.
-        calls.append(_detach(bind_positional(positional, args, dict(kwargs))))
+    def record(kwargs: dict[str, Any]) -> None:
+        calls.append(_detach(kwargs))
         if max_calls is not None and len(calls) >= max_calls:
             raise _EnoughCalls
 
-    handle = denoiser.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        with torch.no_grad():
+        with observing_denoiser_calls(pipe, record), torch.no_grad():
             pipe(**call_kwargs)
     except _EnoughCalls:
         pass
@@ -126,8 +144,6 @@ def record_denoiser_calls(pipe: Any, *, max_calls: int | None = None, **call_kwa
             f"{type(pipe).__name__} rejected the generation settings: {first}; change --height/--width or "
             "pass the pipeline argument it needs with --call-arg KEY=VALUE"
         ) from error
-    finally:
-        handle.remove()
     if not calls:
         raise InputError(f"{type(pipe).__name__} never called its denoiser during a generation")
     return calls

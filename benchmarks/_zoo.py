@@ -11,6 +11,7 @@ from accelkit.calibrate import Calibrator
 from accelkit.capture import capture
 from accelkit.loading import load_pipeline, record_denoiser_calls, weights_fingerprint
 from accelkit.passes.base import Program
+from accelkit.runtime.pipeline import AcceleratedPipeline
 from accelkit.zoo import ZOO_MODELS, calibration_prompts, evaluation_prompts
 
 # Evaluation seeds differ from the calibration seeds (the search uses the same offset).
@@ -49,7 +50,7 @@ def load_zoo_bench(steps: int, calib_prompts: int, eval_prompts: int) -> ZooBenc
                                   generator=torch.Generator().manual_seed(0), **generation)
     base = Program.from_graph(capture(loaded.denoiser, calls[0]), steps)
     calib = Calibrator(loaded.pipe, calibration_prompts(calib_prompts), seed=0,
-                       weights_hash=weights_fingerprint(loaded.denoiser), **generation)
+                       weights_hash=weights_fingerprint(loaded.denoiser), **generation, run_program=AcceleratedPipeline)
     prompts = evaluation_prompts(eval_prompts)
     baseline = calib.generate(base, prompts, seed_offset=EVALUATION_SEED_OFFSET).images
     return ZooBench(loaded, base, calib, prompts, baseline, generation)

@@ -232,6 +232,7 @@ class AccelkitPlans:
         from accelkit.capture import capture
         from accelkit.loading import record_denoiser_calls, weights_fingerprint
         from accelkit.passes.base import Program
+        from accelkit.runtime.pipeline import AcceleratedPipeline
 
         self.env = env
         self.pipe = env.new_pipe()
@@ -240,7 +241,8 @@ class AccelkitPlans:
                                       generator=torch.Generator().manual_seed(0), **generation)
         self.base = Program.from_graph(capture(self.pipe.transformer, calls[0]), env.steps)
         self.calib = Calibrator(self.pipe, list(calib_prompts), seed=0,
-                                weights_hash=weights_fingerprint(self.pipe.transformer), **generation)
+                                weights_hash=weights_fingerprint(self.pipe.transformer), **generation,
+                                run_program=AcceleratedPipeline)
         self._programs: dict[str, Any] = {}
 
     def runner(self, configs: list[Any]) -> Runner:

@@ -16,6 +16,7 @@ from accelkit.passes.base import Program, run_passes
 from accelkit.passes.cache import CacheConfig
 from accelkit.passes.steps import StepsConfig
 from accelkit.report.metrics import fidelity
+from accelkit.runtime.pipeline import AcceleratedPipeline
 from accelkit.zoo import calibration_prompts, evaluation_prompts
 
 FLOW = {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}
@@ -40,7 +41,7 @@ def main(steps: int) -> None:
                                       guidance_scale=3.0, generator=torch.Generator().manual_seed(0),
                                       output_type="latent")
         base = Program.from_graph(capture(loaded.denoiser, calls[0]), steps)
-        calib = Calibrator(pipe, calibration_prompts(2), 32, 32, 3.0, weights_hash=weights_fingerprint(loaded.denoiser))
+        calib = Calibrator(pipe, calibration_prompts(2), 32, 32, 3.0, weights_hash=weights_fingerprint(loaded.denoiser), run_program=AcceleratedPipeline)
         prompts = evaluation_prompts(4)
         reference = calib.generate(base, prompts, seed_offset=10_000).images
         for n in (10, 7):

@@ -38,6 +38,7 @@ from accelkit.passes.prune import (
     recovered_weight_key,
 )
 from accelkit.report.metrics import fidelity
+from accelkit.runtime.pipeline import AcceleratedPipeline
 from accelkit.zoo import ZOO_MODELS, calibration_prompts, evaluation_prompts
 
 EVAL_SEED_OFFSET = 10_000
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
     graph = capture(loaded.denoiser, calls[0])
     base = Program.from_graph(graph, args.steps)
     calib = Calibrator(loaded.pipe, calibration_prompts(args.calib_prompts), seed=0,
-                       weights_hash=weights_fingerprint(loaded.denoiser), **generation)
+                       weights_hash=weights_fingerprint(loaded.denoiser), **generation, run_program=AcceleratedPipeline)
     held_out = evaluation_prompts(args.eval_prompts)
     reference = calib.generate(base, held_out, seed_offset=EVAL_SEED_OFFSET).images
     evaluated: dict[tuple[str, ...], dict] = {}
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # Recovery of the one-shot choices that remove 1, 2, ... blocks.
     recovery = []
-    train = Calibrator(loaded.pipe, calibration_prompts(args.train_prompts), seed=0, **generation)
+    train = Calibrator(loaded.pipe, calibration_prompts(args.train_prompts), seed=0, **generation, run_program=AcceleratedPipeline)
     train_calls = record_calibration_inputs(base, train, max_calls=10**9) if args.recover else []
     config = DistillConfig(iterations=args.iterations, lr=args.lr, batch_size=args.batch_size)
     for count in args.recover:

@@ -29,13 +29,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fidelity_zoo import cache_fraction_for  # noqa: E402
 
-from accelkit.calibrate import Calibrator  # noqa: E402
+from accelkit.calibrate import Calibrator
 from accelkit.loading import load_pipeline  # noqa: E402
 from accelkit.passes.base import Program, run_passes  # noqa: E402
 from accelkit.passes.cache import CacheConfig  # noqa: E402
 from accelkit.passes.steps import StepsConfig  # noqa: E402
 from accelkit.pipeline_io import generation_defaults, probe_and_capture, with_call_arguments  # noqa: E402
 from accelkit.report.metrics import fidelity  # noqa: E402
+from accelkit.runtime.pipeline import AcceleratedPipeline  # noqa: E402
 from accelkit.search.cost import device_spec, program_cost  # noqa: E402
 from tests.fixtures.video_families import VIDEO_CALL, VIDEO_FAMILIES, saved_video_pipeline_folder  # noqa: E402
 
@@ -56,7 +57,7 @@ def bench_family(family: str, root: Path, steps: int, prompts: int, target: floa
     base = Program.from_graph(graph, steps)
     calib = Calibrator(pipe, list(PROMPTS[:prompts]), height=call["height"], width=call["width"],
                        guidance_scale=generation["guidance_scale"], num_frames=call["num_frames"],
-                       extra_call_kwargs=dict(generation.get("call_arguments", {})))
+                       extra_call_kwargs=dict(generation.get("call_arguments", {})), run_program=AcceleratedPipeline)
     spec = device_spec("cpu")
     base_cost = program_cost(base, spec).seconds
     baseline = calib.generate(base).images

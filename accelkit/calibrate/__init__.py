@@ -11,32 +11,41 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from accelkit._io import atomic_write_bytes
-from accelkit.passes.base import Program
+from accelkit.calibrate.schedule import read_pipeline_schedule
+from accelkit.calibrate.source import (
+    CalibrationSource,
+    Generation,
+    PipelineSchedule,
+    ProgramRunner,
+    SchedulerFacts,
+    StateObserver,
+    StateRecord,
+)
+from accelkit.errors import InputError
+from accelkit.pipeline_io import observing_denoiser_calls
 
+if TYPE_CHECKING:
+    from accelkit.passes.base import Program
 
-@dataclass
-class Generation:
-    """Outputs of running a program on prompts.
-
-    Args:
-        images: float tensor (N, 3, H, W) in [0, 1], one image per prompt; for a video pipeline
-            (N, F, 3, H, W), one video of F frames per prompt.
-        state_logs: per prompt, the executor's ``(step, branch, {state: tensor})`` records (when asked).
-        variant_calls: how many times each variant ran in total.
-    """
-
-    images: torch.Tensor
-    state_logs: list[list[tuple[int, int, dict[str, torch.Tensor]]]] = field(default_factory=list)
-    variant_calls: dict[str, int] = field(default_factory=dict)
+__all__ = [
+    "CalibrationSource",
+    "Calibrator",
+    "Generation",
+    "PipelineSchedule",
+    "ProgramRunner",
+    "SchedulerFacts",
+    "StateObserver",
+    "output_media",
+]
 
 
 def output_media(output: Any) -> torch.Tensor:
@@ -65,7 +74,7 @@ def output_media(output: Any) -> torch.Tensor:
 
 @dataclass
 class Calibrator:
-    """Runs programs on a pipeline with fixed generation settings.
+    """Runs programs on a pipeline with fixed generation settings: the :class:`CalibrationSource` of a search.
 
     Args:
         pipe: the diffusers pipeline.
@@ -79,6 +88,7 @@ class Calibrator:
         weights_hash: fingerprint of the denoiser weights (cache key).
         cache_dir: where cached measurements are stored; None keeps them in memory only.
         extra_call_kwargs: any other pipeline arguments.
+        run_program: makes the pipeline run a program (``AcceleratedPipeline``); needed to generate.
     """
 
     pipe: Any
@@ -91,7 +101,18 @@ class Calibrator:
     weights_hash: str = ""
     cache_dir: Path | None = None
     extra_call_kwargs: dict[str, Any] = field(default_factory=dict)
+    run_program: ProgramRunner | None = None
     _memory: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def scheduler(self) -> SchedulerFacts:
+        return SchedulerFacts.of(getattr(self.pipe, "scheduler", None))
+
+    @property
+    def cfg_batch(self) -> int | None:
+        if float(self.guidance_scale) <= 1.0:
+            return None
+        return int(self.extra_call_kwargs.get("num_images_per_prompt", 1) or 1)
 
     def call_kwargs(self, prompt: str, index: int) -> dict[str, Any]:
         kwargs = dict(self.extra_call_kwargs)
@@ -113,30 +134,73 @@ class Calibrator:
         prompts: Sequence[str] | None = None,
         *,
         record_states: bool = False,
+        observer: StateObserver | None = None,
         seed_offset: int = 0,
         progress: Callable[[int, int], None] | None = None,
     ) -> Generation:
         """Generate one image per prompt with ``program`` (same seeds for every program)."""
-        from accelkit.runtime.pipeline import AcceleratedPipeline
-
+        if self.run_program is None:
+            raise ValueError("this Calibrator was made without run_program, so it cannot generate: pass "
+                             "run_program=AcceleratedPipeline (accelkit.runtime.pipeline)")
         prompts = list(self.prompts if prompts is None else prompts)
-        accelerated = AcceleratedPipeline(self.pipe, program)
+        logs: list[list[StateRecord]] = []
+
+        def observe(step: int, branch: int, states: Mapping[str, torch.Tensor]) -> None:
+            if record_states:
+                logs[-1].append((step, branch, dict(states)))
+            if observer is not None:
+                observer(step, branch, states)
+
+        watching = record_states or observer is not None
+        running = self.run_program(self.pipe, program, observer=observe if watching else None)
         images: list[torch.Tensor] = []
-        logs = []
         try:
             for index, prompt in enumerate(prompts):
-                if record_states:
-                    accelerated.executor.state_log = []
-                output = accelerated(**self.call_kwargs(prompt, seed_offset + index))
+                logs.append([])
+                output = running(**self.call_kwargs(prompt, seed_offset + index))
                 images.append(output_media(output))
-                if record_states:
-                    logs.append(accelerated.executor.state_log or [])
-                    accelerated.executor.state_log = None
                 if progress is not None:
                     progress(index + 1, len(prompts))
         finally:
-            accelerated.restore()
-        return Generation(torch.cat(images), logs, accelerated.variant_calls)
+            running.restore()
+        return Generation(torch.cat(images), logs if record_states else [], dict(running.variant_calls))
+
+    def denoiser_inputs(self, program: Program, n: int) -> list[list[torch.Tensor]]:
+        """Flat graph inputs of ``n`` denoiser calls spread over the calibration generations.
+
+        The input program generates every calibration prompt (so the step count and sigmas of an earlier
+        ``steps`` pass apply) while the denoiser's calls are observed; the kept calls are evenly spaced
+        over all recorded calls, hence over timesteps and prompts.
+        """
+        recorded: list[list[torch.Tensor]] = []
+
+        def record(kwargs: dict[str, Any]) -> None:
+            recorded.append([t.detach().clone() for t in program.graph.flat_inputs(kwargs)])
+
+        with observing_denoiser_calls(self.pipe, record):
+            self.generate(program)
+        if not recorded:
+            raise InputError("the calibration generations never called the denoiser")
+        keep = sorted({int(round(x)) for x in np.linspace(0, len(recorded) - 1, min(n, len(recorded)))})
+        return [recorded[i] for i in keep]
+
+    def pipeline_schedule(self, num_steps: int) -> PipelineSchedule:
+        """The schedule the pipeline sets by default for ``num_steps`` steps.
+
+        The pipeline is called on the first calibration prompt and stopped at its first denoiser call,
+        so only prompt encoding runs. Reading it from the pipeline (rather than recomputing it) gets its
+        own default spacing (Flux pipelines pass ``linspace(1, 1/n, n)``, SD3 lets the scheduler choose)
+        and the ``mu`` of resolution-dependent shifting.
+        """
+        kwargs = self.call_kwargs(self.prompts[0], 0)
+        kwargs["num_inference_steps"] = num_steps
+        return read_pipeline_schedule(self.pipe, kwargs)
+
+    def cached(
+        self, kind: str, program: Program, compute: Callable[[], np.ndarray], **parts: Any
+    ) -> np.ndarray:
+        """The measurement ``kind`` of ``program`` from the cache (:meth:`cache_key`), computed on a miss."""
+        return self.cached_array(self.cache_key(kind, program, **parts), compute)
 
     def cache_key(self, kind: str, program: Program, **parts: Any) -> str:
         """Key over what a measurement depends on: weights, scheduler, timesteps, shapes, earlier passes."""

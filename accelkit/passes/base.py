@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 import torch
 from torch import fx
 
+from accelkit.calibrate.source import CalibrationSource
 from accelkit.capture.graph import DenoiserGraph
 from accelkit.errors import InputError
 from accelkit.passes.hooks import PassHooks
@@ -292,7 +293,7 @@ class PassResult:
     resolved_config: PassConfig | None = None
 
 
-PassFunction = Callable[[Program, Any, Any], PassResult]
+PassFunction = Callable[[Program, Any, CalibrationSource | None], PassResult]
 
 
 @dataclass(frozen=True)
@@ -445,7 +446,7 @@ class PassFailedError(RuntimeError):
 def run_passes(
     program: Program,
     configs: Sequence[PassConfig],
-    calib: Any = None,
+    calib: CalibrationSource | None = None,
     *,
     on_pass: Callable[[str, PassResult], None] | None = None,
 ) -> tuple[Program, dict[str, PassResult]]:
@@ -454,7 +455,7 @@ def run_passes(
     Args:
         program: the input program (not mutated).
         configs: one config per pass, given in :func:`pass_order`.
-        calib: calibration data provider handed to every pass.
+        calib: the calibration source handed to every pass (None: passes that need one refuse to run).
         on_pass: called after each pass with its name and result.
 
     Returns:

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import fx
 
+from accelkit.calibrate.source import CalibrationSource
 from accelkit.capture.blocks import find_blocks
 from accelkit.capture.graph import clone_graph_module, eliminate_dead_nodes
 from accelkit.capture.streams import pair_block_outputs
@@ -320,7 +321,7 @@ def _one_minus_cos(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(1 - torch.nn.functional.cosine_similarity(fa, fb, dim=0))
 
 
-def profile_prior(calib: Any, probe: Program, kind: str, max_interval: int) -> np.ndarray:
+def profile_prior(calib: CalibrationSource, probe: Program, kind: str, max_interval: int) -> np.ndarray:
     """e(t, k) for k = 1..K averaged over calibration prompts and CFG branches, shape (T, K + 1)."""
     generation = calib.generate(probe, record_states=True)
     steps = probe.num_steps
@@ -344,7 +345,8 @@ def profile_prior(calib: Any, probe: Program, kind: str, max_interval: int) -> n
 
 
 def profile_end_to_end_costs(
-    calib: Any, program: Program, writers: Mapping[str, GraphVariant], cached: GraphVariant, max_gap: int,
+    calib: CalibrationSource, program: Program, writers: Mapping[str, GraphVariant], cached: GraphVariant,
+    max_gap: int,
     scalars: Sequence[str],
 ) -> np.ndarray:
     """costs[a, b]: final-image MSE when only steps a+1..b-1 are cached (assumed additive).
@@ -458,13 +460,13 @@ def ablations(resolved: Mapping[str, Any], stats: Mapping[str, Any]) -> dict[str
 
 @register_pass(CacheConfig, name="cache", after=("steps", "prune", "quant", "sparse"),
                hooks=PassHooks(describe=describe, seeds=seeds, complete=complete, probe=probe, ablations=ablations))
-def cache(program: Program, config: CacheConfig, calib: Any) -> PassResult:
+def cache(program: Program, config: CacheConfig, calib: CalibrationSource | None) -> PassResult:
     """Insert the span cache and choose the full-compute steps.
 
     Args:
         program: input program (its ``full`` variant is the graph to cache).
         config: the cache settings.
-        calib: a :class:`accelkit.calibrate.Calibrator`; needed only for ``schedule="dp"`` without a
+        calib: the calibration source; needed only for ``schedule="dp"`` without a
             resolved ``full_step_mask``.
     """
     steps = program.num_steps
@@ -527,11 +529,10 @@ def cache(program: Program, config: CacheConfig, calib: Any) -> PassResult:
             max_gap = min(max_gap, order)
             stats["solver_order_gap"] = order
         if config.prior == "end_to_end":
-            key = calib.cache_key("cache-e2e", program, span=[span.start, span.stop],
-                                  approximation=config.approximation, max_gap=max_gap)
-            costs = calib.cached_array(
-                key,
+            costs = calib.cached(
+                "cache-e2e", program,
                 lambda: profile_end_to_end_costs(calib, program, writers, cached, max_gap, scalar_names),
+                span=[span.start, span.stop], approximation=config.approximation, max_gap=max_gap,
             )
             try:
                 mask = schedules.dp_schedule_from_costs(_apply_weighting(costs, config.weighting), full_steps,
@@ -544,9 +545,10 @@ def cache(program: Program, config: CacheConfig, calib: Any) -> PassResult:
             probe = program.replace(variants={**program.variants, **writers})
             # A fixed profiling window keeps one cached prior valid for every full-step count.
             interval = min(steps - 1, PRIOR_MAX_INTERVAL)
-            key = calib.cache_key("cache-prior", program, span=[span.start, span.stop], prior=config.prior,
-                                  interval=interval)
-            prior = calib.cached_array(key, lambda: profile_prior(calib, probe, config.prior, interval))
+            prior = calib.cached(
+                "cache-prior", program, lambda: profile_prior(calib, probe, config.prior, interval),
+                span=[span.start, span.stop], prior=config.prior, interval=interval,
+            )
             try:
                 mask = schedules.dp_schedule(prior, full_steps, weighting=config.weighting,
                                              max_gap=max_gap if order > 1 else config.max_gap, warmup=warmup)
@@ -571,10 +573,9 @@ def cache(program: Program, config: CacheConfig, calib: Any) -> PassResult:
     return PassResult(new_program, modified=True, stats=stats, resolved_config=resolved)
 
 
-def _multistep_order(calib: Any) -> int:
+def _multistep_order(calib: CalibrationSource) -> int:
     """The order of the calibration pipeline's multistep sampler (1 for one-step samplers)."""
-    config = getattr(getattr(getattr(calib, "pipe", None), "scheduler", None), "config", {}) or {}
-    return int(config.get("solver_order") or 1)
+    return int(calib.scheduler.config.get("solver_order") or 1)
 
 
 def _apply_weighting(costs: np.ndarray, weighting: str) -> np.ndarray:

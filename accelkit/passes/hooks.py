@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from accelkit.calibrate.source import CalibrationSource
+
 #: Speedups within this share below a budget count as meeting it (as ``optimize`` judges plans).
 BUDGET_TOLERANCE = 0.02
 
@@ -111,14 +113,14 @@ class ProbeContext:
 
     Args:
         base: the baseline program.
-        calib: the calibration data provider.
+        calib: the calibration source (None: no calibration, e.g. a probe of stored facts).
         cost: seconds of a program under the search's cost model.
         num_steps: the baseline step count.
         targets: the budgets, ascending.
     """
 
     base: Any
-    calib: Any
+    calib: CalibrationSource | None
     cost: Callable[[Any], float]
     num_steps: int
     targets: Sequence[float]

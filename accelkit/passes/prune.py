@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import fx
 
+from accelkit.calibrate.source import CalibrationSource
 from accelkit.capture.blocks import BlockIndex, find_blocks
 from accelkit.capture.cost import graph_costs
 from accelkit.capture.graph import clone_graph_module, eliminate_dead_nodes, replace_weights
@@ -57,7 +58,6 @@ __all__ = [
     "measure_additivity",
     "pair_block_outputs",
     "prune",
-    "record_calibration_inputs",
     "recovered_weight_key",
     "remove_blocks",
     "removal_candidates",
@@ -306,36 +306,6 @@ def _ordered_until(order: Iterable[int], flops: Sequence[float], target: float) 
 # ---------------------------------------------------------------- calibration
 
 
-def record_calibration_inputs(
-    program: Program, calib: Any, max_calls: int = DEFAULT_SCORE_CALLS
-) -> list[list[torch.Tensor]]:
-    """Flat graph inputs of ``max_calls`` denoiser calls spread over the calibration generations.
-
-    The input program generates every calibration prompt (so the step count and sigmas of an earlier
-    ``steps`` pass apply) while a forward pre-hook on the pipeline's denoiser records its inputs; the
-    kept calls are evenly spaced over all recorded calls, hence over timesteps and prompts.
-    """
-    from accelkit.pipeline_io import bind_positional, find_denoiser, positional_parameter_names
-
-    _, denoiser = find_denoiser(calib.pipe)
-    positional = positional_parameter_names(denoiser)
-    recorded: list[list[torch.Tensor]] = []
-
-    def hook(module: Any, args: Any, kwargs: Any) -> None:
-        bound = bind_positional(positional, args, dict(kwargs))
-        recorded.append([t.detach().clone() for t in program.graph.flat_inputs(bound)])
-
-    handle = denoiser.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        calib.generate(program)
-    finally:
-        handle.remove()
-    if not recorded:
-        raise InputError("the calibration generations never called the denoiser")
-    keep = sorted({int(round(x)) for x in np.linspace(0, len(recorded) - 1, min(max_calls, len(recorded)))})
-    return [recorded[i] for i in keep]
-
-
 def _user_outputs(module: fx.GraphModule, inputs: Sequence[torch.Tensor], count: int) -> list[torch.Tensor]:
     with torch.no_grad():
         outputs = module(*inputs)
@@ -367,26 +337,29 @@ def score_blocks(
 
 
 def _calibrated_scores(
-    program: Program, calib: Any, candidates: Sequence[BlockPairing], max_calls: int = DEFAULT_SCORE_CALLS
+    program: Program, calib: CalibrationSource, candidates: Sequence[BlockPairing],
+    max_calls: int = DEFAULT_SCORE_CALLS,
 ) -> tuple[np.ndarray, Callable[[], list[list[torch.Tensor]]]]:
-    """Scores of ``candidates`` from the calibrator's cache (computed on a miss) and a lazy call recorder."""
+    """Scores of ``candidates`` from the calibration cache (computed on a miss) and a lazy call recorder."""
     calls_cache: list[list[list[torch.Tensor]]] = []
 
     def calls() -> list[list[torch.Tensor]]:
         if not calls_cache:
-            calls_cache.append(record_calibration_inputs(program, calib, max_calls))
+            calls_cache.append(calib.denoiser_inputs(program, max_calls))
         return calls_cache[0]
 
     module = program.variants["full"].module
-    key = calib.cache_key("prune-scores", program, candidates=[c.name for c in candidates], calls=max_calls)
-    scores = calib.cached_array(
-        key, lambda: score_blocks(module, candidates, calls(), program.graph.num_user_outputs)
-    )
+    def compute() -> np.ndarray:
+        return score_blocks(module, candidates, calls(), program.graph.num_user_outputs)
+
+    names = [c.name for c in candidates]
+    scores = calib.cached("prune-scores", program, compute, candidates=names, calls=max_calls)
     return np.asarray(scores, dtype=np.float64), calls
 
 
 def measure_additivity(
-    program: Program, calib: Any, sets: Sequence[Sequence[str]], *, max_calls: int = DEFAULT_SCORE_CALLS
+    program: Program, calib: CalibrationSource, sets: Sequence[Sequence[str]], *,
+    max_calls: int = DEFAULT_SCORE_CALLS,
 ) -> list[tuple[float, float]]:
     """LAPTOP-Diff's additivity check: per set of block names, (sum of single-block losses, actual loss).
 
@@ -433,13 +406,13 @@ def describe(resolved: Mapping[str, Any], stats: Mapping[str, Any]) -> str | Non
 
 
 @register_pass(PruneConfig, name="prune", after=("steps",), hooks=PassHooks(describe=describe))
-def prune(program: Program, config: PruneConfig, calib: Any) -> PassResult:
+def prune(program: Program, config: PruneConfig, calib: CalibrationSource | None) -> PassResult:
     """Remove whole blocks from the ``full`` variant.
 
     Args:
         program: input program; must have only the ``full`` variant (prune runs before cache).
         config: the pruning settings.
-        calib: a :class:`accelkit.calibrate.Calibrator`; needed only for ``score="output_mse"`` without
+        calib: the calibration source; needed only for ``score="output_mse"`` without
             a resolved ``removed_blocks``.
     """
     if not config.is_noop():

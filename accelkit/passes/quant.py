@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from torch import fx
 
+from accelkit.calibrate.source import CalibrationSource
 from accelkit.capture.cost import get_attr_value
 from accelkit.capture.graph import clone_graph_module, eliminate_dead_nodes
 from accelkit.errors import InputError
@@ -335,13 +336,24 @@ def find_quant_sites(module: fx.GraphModule, config: QuantConfig, family: str | 
 
 @dataclass
 class RecordedInputs:
-    """Calibration data given as flat denoiser inputs (instead of a :class:`accelkit.calibrate.Calibrator`).
+    """Calibration data given as flat denoiser inputs (instead of a :class:`CalibrationSource`).
+
+    It answers the two questions quant asks: the denoiser inputs (all of them) and measurements
+    (computed every time: nothing is cached).
 
     Args:
         calls: per denoiser call, the graph's flat tensor inputs (``DenoiserGraph.flat_inputs``).
     """
 
     calls: Sequence[Sequence[torch.Tensor]]
+
+    def denoiser_inputs(self, program: Program, n: int) -> list[list[torch.Tensor]]:
+        return [list(c) for c in self.calls]
+
+    def cached(
+        self, kind: str, program: Program, compute: Callable[[], np.ndarray], **parts: Any
+    ) -> np.ndarray:
+        return np.asarray(compute())
 
 
 class _LinearInputRecorder(fx.Interpreter):
@@ -364,14 +376,6 @@ class _LinearInputRecorder(fx.Interpreter):
             pick = torch.linspace(0, rows.shape[0] - 1, min(self.rows_per_call, rows.shape[0])).round().long()
             self.samples.setdefault(path, []).append(rows[pick].clone())
         return super().run_node(n)
-
-
-def _record_calls(program: Program, calib: Any) -> list[list[torch.Tensor]]:
-    if isinstance(calib, RecordedInputs):
-        return [list(c) for c in calib.calls]
-    from accelkit.passes.prune import record_calibration_inputs
-
-    return record_calibration_inputs(program, calib, DEFAULT_CALLS)
 
 
 def collect_activation_stats(
@@ -467,7 +471,7 @@ class _Calibration:
     """Lazily computed statistics (activation maxima and samples), shared by the search and the build."""
 
     program: Program
-    calib: Any
+    calib: CalibrationSource | RecordedInputs | None
     module: fx.GraphModule
     sites: Sequence[LayerSite]
     _absmax: dict[str, torch.Tensor] | None = None
@@ -480,15 +484,14 @@ class _Calibration:
                 "quant needs calibration data to choose smoothing and 16-bit layers: pass a Calibrator, "
                 "or a resolved config (alphas) with the plan's weights, or alpha_grid=(0.0,) and keep_16bit=0"
             )
-        calls = _record_calls(self.program, self.calib)
+        calls = self.calib.denoiser_inputs(self.program, DEFAULT_CALLS)
         self._absmax, self._samples = collect_activation_stats(self.module, self.sites, calls)
         self.recorded = True
 
     def _cached(self, kind: str, compute: Callable[[], np.ndarray], **parts: Any) -> np.ndarray:
-        if hasattr(self.calib, "cached_array") and hasattr(self.calib, "cache_key"):
-            key = self.calib.cache_key(kind, self.program, **parts)
-            return np.asarray(self.calib.cached_array(key, compute))
-        return np.asarray(compute())
+        if self.calib is None:
+            return np.asarray(compute())
+        return np.asarray(self.calib.cached(kind, self.program, compute, **parts))
 
     def absmax(self) -> dict[str, torch.Tensor]:
         if self._absmax is None:
@@ -530,13 +533,15 @@ def precision(resolved: Mapping[str, Any]) -> PrecisionClaim:
 
 @register_pass(QuantConfig, name="quant", after=("steps", "prune"),
                hooks=PassHooks(describe=describe, precision=precision))
-def quant(program: Program, config: QuantConfig, calib: Any) -> PassResult:
+def quant(
+    program: Program, config: QuantConfig, calib: CalibrationSource | RecordedInputs | None
+) -> PassResult:
     """Replace the ``full`` variant's linear layers by SVDQuant 4-bit linears.
 
     Args:
         program: input program; must have only a stateless ``full`` variant (quant runs before cache).
         config: the quantization settings.
-        calib: a :class:`accelkit.calibrate.Calibrator`, a :class:`RecordedInputs`, or None (enough for
+        calib: the calibration source, a :class:`RecordedInputs`, or None (enough for
             a resolved config whose tensors are in ``program.new_weights``, or for ``α = 0`` only).
     """
     if config.is_noop():

@@ -14,7 +14,7 @@ cross-attention with the caption mask), is causal, uses dropout or GQA, or has f
 ``min_tokens`` KV tokens; the reasons are listed in the stats.
 
 Calibration (no ``taus`` given): the dense ``full`` graph runs on denoiser inputs recorded while the
-input program generates the calibration prompts (a spread of steps, :func:`record_calibration_inputs`);
+input program generates the calibration prompts (a spread of steps, ``CalibrationSource.denoiser_inputs``);
 at every eligible site the relative L1 error ``||O_sparse - O_dense||_1 / ||O_dense||_1`` and the kept
 share of the attention FLOPs are measured for a fixed grid of τ (:data:`TAU_GRID`), averaged over the
 calls. The profile does not depend on ``l1_budget`` and is cached by the calibrator, so search trials
@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from torch import fx
 
+from accelkit.calibrate.source import CalibrationSource
 from accelkit.capture.graph import clone_graph_module, eliminate_dead_nodes
 from accelkit.errors import InputError
 from accelkit.families import traits_for
@@ -59,7 +60,6 @@ from accelkit.passes.base import (
     register_pass,
 )
 from accelkit.passes.hooks import DENSE, PassHooks
-from accelkit.passes.prune import record_calibration_inputs
 
 __all__ = [
     "KEPT_FRACTION_META",
@@ -438,13 +438,13 @@ def describe(resolved: Mapping[str, Any], stats: Mapping[str, Any]) -> str | Non
 
 
 @register_pass(SparseConfig, name="sparse", after=("steps", "prune", "quant"), hooks=PassHooks(describe=describe))
-def sparse(program: Program, config: SparseConfig, calib: Any) -> PassResult:
+def sparse(program: Program, config: SparseConfig, calib: CalibrationSource | None) -> PassResult:
     """Make the eligible attention sites of the ``full`` variant block-sparse.
 
     Args:
         program: input program; must have only the ``full`` variant (sparse runs before cache).
         config: the sparsity settings.
-        calib: a :class:`accelkit.calibrate.Calibrator`; needed only without resolved ``taus``.
+        calib: the calibration source; needed only without resolved ``taus``.
     """
     stats: dict[str, Any] = {"num_steps": program.num_steps}
     if config.is_noop():
@@ -471,17 +471,16 @@ def sparse(program: Program, config: SparseConfig, calib: Any) -> PassResult:
     else:
         if calib is None:
             raise InputError("sparse.l1_budget needs calibration data; pass a Calibrator or resolved taus")
-        key = calib.cache_key(
-            "sparse-profile", program, sites=[s.name for s in sites], block=[config.block_q, config.block_k],
-            text=[[s.dense_prefix, s.dense_suffix] for s in sites], similarity=config.similarity_threshold,
-            min_blocks=config.min_blocks, calls=config.calibration_calls, grid=list(TAU_GRID),
-        )
-
         def compute() -> np.ndarray:
-            calls = record_calibration_inputs(program, calib, config.calibration_calls)
+            calls = calib.denoiser_inputs(program, config.calibration_calls)
             return profile_sites(full.module, sites, calls, config)
 
-        profile = np.asarray(calib.cached_array(key, compute), dtype=np.float64)
+        profile = np.asarray(calib.cached(
+            "sparse-profile", program, compute, sites=[s.name for s in sites],
+            block=[config.block_q, config.block_k], text=[[s.dense_prefix, s.dense_suffix] for s in sites],
+            similarity=config.similarity_threshold, min_blocks=config.min_blocks,
+            calls=config.calibration_calls, grid=list(TAU_GRID),
+        ), dtype=np.float64)
         chosen = choose_taus(profile, config.l1_budget)
         taus = [TAU_GRID[i] for i in chosen]
         kept = [float(profile[s, i, 1]) for s, i in enumerate(chosen)]

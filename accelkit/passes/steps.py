@@ -31,9 +31,6 @@ takes, and the knobs enter the search space only for schedulers that have them.
 
 from __future__ import annotations
 
-import copy
-import functools
-import inspect
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -42,6 +39,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from accelkit.calibrate.source import CalibrationSource, SchedulerFacts
 from accelkit.errors import InputError
 from accelkit.passes._step_placement import equalize_local_error
 from accelkit.passes.base import (
@@ -70,7 +68,6 @@ __all__ = [
     "StepsConfig",
     "error_density",
     "fewer_steps_for",
-    "pipeline_schedule",
     "placement_unavailable",
     "solver_order",
     "solver_order_facts",
@@ -198,116 +195,33 @@ class StepsConfig(PassConfig):
         )
 
 
-# ---------------------------------------------------------------- the pipeline's own schedule
-
-
-class _StopGeneration(Exception):
-    """Raised at the first denoiser call to end a probe once the schedule is set."""
-
-
-@dataclass(frozen=True)
-class PipelineSchedule:
-    """What the pipeline's scheduler runs for one step count.
-
-    Args:
-        sigmas: the scheduler's effective sigmas after ``set_timesteps``, terminal value included.
-        set_timesteps_kwargs: the other arguments the pipeline gave ``set_timesteps`` (e.g. ``mu``).
-    """
-
-    sigmas: np.ndarray
-    set_timesteps_kwargs: dict[str, Any]
-
-
-def pipeline_schedule(calib: Any, num_steps: int) -> PipelineSchedule:
-    """The schedule the pipeline sets by default for ``num_steps`` steps.
-
-    The pipeline is called on the first calibration prompt and stopped at its first denoiser call,
-    so only prompt encoding runs. Reading it from the pipeline (rather than recomputing it) gets its
-    own default spacing (Flux pipelines pass ``linspace(1, 1/n, n)``, SD3 lets the scheduler choose)
-    and the ``mu`` of resolution-dependent shifting.
-    """
-    from accelkit.pipeline_io import find_denoiser
-
-    pipe = calib.pipe
-    scheduler = pipe.scheduler
-    _, denoiser = find_denoiser(pipe)
-    original = scheduler.set_timesteps
-    signature = inspect.signature(original)
-    recorded: dict[str, Any] = {}
-
-    # functools.wraps keeps the signature visible: pipelines check it for a `sigmas` parameter.
-    @functools.wraps(original)
-    def spy(*args: Any, **kwargs: Any) -> Any:
-        recorded.clear()
-        recorded.update(signature.bind(*args, **kwargs).arguments)
-        return original(*args, **kwargs)
-
-    def stop(module: Any, args: Any, kwargs: Any) -> None:
-        raise _StopGeneration
-
-    kwargs = calib.call_kwargs(calib.prompts[0], 0)
-    kwargs["num_inference_steps"] = num_steps
-    scheduler.set_timesteps = spy
-    handle = denoiser.register_forward_pre_hook(stop, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            pipe(**kwargs)
-    except _StopGeneration:
-        pass
-    finally:
-        handle.remove()
-        del scheduler.set_timesteps
-    sigmas = np.asarray(torch.as_tensor(scheduler.sigmas).detach().double().cpu().reshape(-1))
-    if sigmas.size != num_steps + 1:
-        raise InputError(
-            f"{type(pipe).__name__} set {sigmas.size - 1} sigmas for num_inference_steps={num_steps}; "
-            "use steps.placement='default'"
-        )
-    extra = {
-        k: v for k, v in recorded.items() if k not in ("num_inference_steps", "device", "sigmas", "timesteps")
-    }
-    return PipelineSchedule(sigmas, extra)
-
-
 class PlacementUnavailable(Exception):
     """Equalized placement cannot be expressed through this scheduler; the steps keep default spacing."""
 
 
-def _custom_argument(scheduler: Any) -> str | None:
-    """The ``set_timesteps`` argument that places steps: ``"sigmas"`` preferred, else ``"timesteps"``."""
-    try:
-        parameters = inspect.signature(scheduler.set_timesteps).parameters
-    except (TypeError, ValueError):
-        return None
-    for kind in ("sigmas", "timesteps"):
-        if kind in parameters:
-            return kind
-    return None
-
-
-def placement_unavailable(scheduler: Any) -> str | None:
+def placement_unavailable(scheduler: SchedulerFacts) -> str | None:
     """Why equalized placement cannot run on ``scheduler`` (one line), or None when it may.
 
     Static checks only (the argument it takes, options that resample the whole schedule); the pass
     also probes the scheduler and falls back to default spacing when the chosen steps cannot be
     expressed through it.
     """
-    name = type(scheduler).__name__
-    if _custom_argument(scheduler) is None:
+    name = scheduler.class_name
+    if not scheduler.custom_arguments:
         return f"{name} accepts no custom timesteps or sigmas"
-    config = getattr(scheduler, "config", {})
+    config = scheduler.config
     used = [option for option in _UNSUPPORTED_OPTIONS if config.get(option)]
     if used:
         return f"{name} with {', '.join(used)} resamples the whole schedule"
     return None
 
 
-def solver_order(scheduler: Any) -> int:
+def solver_order(scheduler: SchedulerFacts) -> int:
     """The order of the scheduler's solver (the exponent of the local-error model)."""
-    config = getattr(scheduler, "config", {})
+    config = scheduler.config
     if config.get("solver_order"):
         return int(config["solver_order"])
-    return 2 if type(scheduler).__name__.startswith("Heun") else 1
+    return 2 if scheduler.class_name.startswith("Heun") else 1
 
 
 @dataclass(frozen=True)
@@ -319,20 +233,19 @@ class _ArgumentMap:
     whatever its shift, spacing or timestep table.
     """
 
-    scheduler: Any
+    scheduler: SchedulerFacts
     kind: str
     extra: dict[str, Any]
     high: float
 
     def apply(self, arguments: np.ndarray) -> np.ndarray:
         """Effective sigmas (no terminal value) for ``arguments``, one per step."""
-        probe = copy.deepcopy(self.scheduler)
-        # An array, as the runtime passes it (UniPC's flow path cannot shift a list).
-        probe.set_timesteps(**{self.kind: np.asarray(arguments, dtype=np.float64)}, **self.extra)
-        sigmas = np.asarray(torch.as_tensor(probe.sigmas).detach().double().cpu().reshape(-1))
+        arguments = np.asarray(arguments, dtype=np.float64)
+        sigmas = self.scheduler.effective_sigmas(self.kind, arguments, self.extra)
         if sigmas.size != len(arguments) + 1:
             raise PlacementUnavailable(
-                f"{type(self.scheduler).__name__} makes {sigmas.size - 1} steps of {len(arguments)} custom {self.kind}"
+                f"{self.scheduler.class_name} makes {sigmas.size - 1} steps of {len(arguments)} "
+                f"custom {self.kind}"
             )
         return sigmas[:-1]
 
@@ -351,14 +264,13 @@ class _ArgumentMap:
         return high.astype(np.float32).astype(np.float64)
 
 
-def _argument_map(scheduler: Any, extra: dict[str, Any], count: int) -> _ArgumentMap:
+def _argument_map(scheduler: SchedulerFacts, extra: dict[str, Any], count: int) -> _ArgumentMap:
     reason = placement_unavailable(scheduler)
     if reason is not None:
         raise PlacementUnavailable(reason)
-    name = type(scheduler).__name__
-    kinds = [k for k in ("sigmas", "timesteps") if k in inspect.signature(scheduler.set_timesteps).parameters]
+    name = scheduler.class_name
     problems = []
-    for kind in kinds:
+    for kind in scheduler.custom_arguments:
         high = float(scheduler.config.get("num_train_timesteps", 1000)) - 1 if kind == "timesteps" else 1.0
         mapping = _ArgumentMap(scheduler, kind, dict(extra), high)
         try:
@@ -443,13 +355,10 @@ def error_density(
     return np.interp(sigmas, midpoints[keep][::-1], derivative[keep][::-1])
 
 
-def _measure_density(calib: Any, program: Program, sigmas: np.ndarray) -> np.ndarray:
+def _measure_density(calib: CalibrationSource, program: Program, sigmas: np.ndarray) -> np.ndarray:
     generation = calib.generate(_prediction_probe(program), record_states=True)
-    cfg_batch = None
-    if float(getattr(calib, "guidance_scale", 1.0)) > 1.0:
-        cfg_batch = int(getattr(calib, "extra_call_kwargs", {}).get("num_images_per_prompt", 1) or 1)
     return error_density(
-        generation.state_logs, sigmas, guidance_scale=float(calib.guidance_scale), cfg_batch=cfg_batch
+        generation.state_logs, sigmas, guidance_scale=float(calib.guidance_scale), cfg_batch=calib.cfg_batch
     )
 
 
@@ -461,22 +370,22 @@ def _finite_list(values: np.ndarray | tuple[float, ...]) -> list[float]:
 
 
 def _equalized(
-    calib: Any, program: Program, config: StepsConfig, before: int, count: int
+    calib: CalibrationSource, program: Program, config: StepsConfig, before: int, count: int
 ) -> tuple[tuple[float, ...], str, dict[str, Any]]:
     """Pipeline arguments placing ``count`` steps at equal estimated local error, their kind, stats."""
-    scheduler = calib.pipe.scheduler
+    scheduler = calib.scheduler
     reason = placement_unavailable(scheduler)
     if reason is not None:
         raise PlacementUnavailable(reason)
     try:
-        baseline = pipeline_schedule(calib, before)
-        reference = pipeline_schedule(calib, count)
+        baseline = calib.pipeline_schedule(before)
+        reference = calib.pipeline_schedule(count)
     except (InputError, AttributeError) as error:  # e.g. Heun runs 2n - 1 sigmas for n steps
         raise PlacementUnavailable(str(error).split(";")[0]) from None
     extra = reference.set_timesteps_kwargs
     mapping = _argument_map(scheduler, extra, count)
-    key = calib.cache_key("steps-density", program)
-    density = calib.cached_array(key, lambda: _measure_density(calib, program, baseline.sigmas))
+    density = calib.cached("steps-density", program,
+                           lambda: _measure_density(calib, program, baseline.sigmas))
     order = config.solver_order or solver_order(scheduler)
     effective = equalize_local_error(
         baseline.sigmas, density, count, order=order, blend=config.blend, reference=reference.sigmas
@@ -489,7 +398,7 @@ def _equalized(
         exact = True
     if not exact or not np.all(np.diff(values) < 0) or not np.all(np.diff(reached) < 0):
         raise PlacementUnavailable(
-            f"the equalized steps cannot be expressed through {type(scheduler).__name__}'s {mapping.kind}"
+            f"the equalized steps cannot be expressed through {scheduler.class_name}'s {mapping.kind}"
         )
     stats: dict[str, Any] = dict(
         blend=config.blend,
@@ -582,28 +491,19 @@ def space(facts: Mapping[str, Any]) -> dict[str, Any]:
     return domains
 
 
-def solver_order_facts(scheduler: Any) -> dict[str, Any]:
+def solver_order_facts(scheduler: SchedulerFacts) -> dict[str, Any]:
     """The scheduler's own solver order and the other orders it runs with; {} without the knob.
 
     ``solver_orders`` lists the orders (1 .. the scheduler's maximum) other than its own whose copy
     constructs; ``lower_order_final`` is the scheduler's own setting, when it has one.
     """
-    from accelkit.pipeline_io import scheduler_with
-
-    config = dict(getattr(scheduler, "config", {}))
+    config = scheduler.config
     facts: dict[str, Any] = {}
     if isinstance(config.get("solver_order"), int):
         own = int(config["solver_order"])
-        highest = max(own, _MAX_SOLVER_ORDER.get(type(scheduler).__name__, 3))
-        others = []
-        for order in range(1, min(highest, 3) + 1):
-            if order == own:
-                continue
-            try:
-                scheduler_with(scheduler, {"solver_order": order}).set_timesteps(4)
-            except Exception:  # noqa: BLE001 - an order this configuration rejects is not searched
-                continue
-            others.append(order)
+        highest = max(own, _MAX_SOLVER_ORDER.get(scheduler.class_name, 3))
+        others = [order for order in range(1, min(highest, 3) + 1)
+                  if order != own and scheduler.runs_with({"solver_order": order})]
         facts.update(solver_order=own, solver_orders=tuple(others))
     if isinstance(config.get("lower_order_final"), bool):
         facts["lower_order_final"] = bool(config["lower_order_final"])
@@ -630,14 +530,16 @@ def probe(context: ProbeContext) -> dict[str, Any]:
     schedulers take custom steps in general but not in their configuration (DPM-Solver++ with flow sigmas).
     """
     note = _placement_note(context)
-    scheduler = getattr(getattr(context.calib, "pipe", None), "scheduler", None)
+    orders = solver_order_facts(context.calib.scheduler) if context.calib is not None else {}
     return {"placements": ("default",) if note else PLACEMENTS,
             "note": f"Step placement: {note}." if note else None,
-            **solver_order_facts(scheduler)}
+            **orders}
 
 
 def _placement_note(context: ProbeContext) -> str | None:
-    static = placement_unavailable(getattr(getattr(context.calib, "pipe", None), "scheduler", None))
+    if context.calib is None:
+        return "equalized placement needs calibration data"
+    static = placement_unavailable(context.calib.scheduler)
     count = fewer_steps_for(context.num_steps, context.targets[0])
     if static or count is None or count >= context.num_steps:
         return static
@@ -648,12 +550,11 @@ def _placement_note(context: ProbeContext) -> str | None:
     return results["steps"].stats.get("placement_note")
 
 
-def _check_overrides(scheduler: Any, overrides: Mapping[str, Any]) -> None:
-    config = getattr(scheduler, "config", {})
-    missing = [f"steps.{key}" for key in overrides if key not in config]
+def _check_overrides(scheduler: SchedulerFacts, overrides: Mapping[str, Any]) -> None:
+    missing = [f"steps.{key}" for key in overrides if key not in scheduler.config]
     if missing:
         raise InputError(
-            f"{', '.join(missing)}: {type(scheduler).__name__} has no such setting; leave it unset (None)"
+            f"{', '.join(missing)}: {scheduler.class_name} has no such setting; leave it unset (None)"
         )
 
 
@@ -662,13 +563,13 @@ def _check_overrides(scheduler: Any, overrides: Mapping[str, Any]) -> None:
 
 @register_pass(StepsConfig, name="steps",
                hooks=PassHooks(describe=describe, seeds=seeds, shares=shares, probe=probe, space=space))
-def steps(program: Program, config: StepsConfig, calib: Any) -> PassResult:
+def steps(program: Program, config: StepsConfig, calib: CalibrationSource | None) -> PassResult:
     """Set the number of denoising steps and, for equalized placement, their sigmas.
 
     Args:
         program: input program; its schedule must be all ``"full"`` (the steps pass runs first).
         config: the step settings.
-        calib: a :class:`accelkit.calibrate.Calibrator`; needed only for ``placement="equalized"``
+        calib: the calibration source; needed only for ``placement="equalized"``
             without explicit ``sigmas``.
 
     Raises:
@@ -695,9 +596,8 @@ def steps(program: Program, config: StepsConfig, calib: Any) -> PassResult:
         )
     count = config.resolve_num_steps(before)
     overrides = config.scheduler_overrides()
-    scheduler = getattr(getattr(calib, "pipe", None), "scheduler", None)
-    if overrides and scheduler is not None:
-        _check_overrides(scheduler, overrides)
+    if overrides and calib is not None:
+        _check_overrides(calib.scheduler, overrides)
     stats: dict[str, Any] = {"steps_before": before, "steps_after": count, "placement": config.placement,
                              "scheduler_overrides": overrides}
     kind = config.timestep_kind

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from accelkit.calibrate.source import StateObserver
 from accelkit.capture.graph import shape_signature
 from accelkit.errors import PlanMismatchError
 from accelkit.passes.base import Program
@@ -50,10 +51,13 @@ class ProgramExecutor(StepSelection):
         compile: wrap each variant in ``torch.compile`` on first use (once per variant and signature).
         family: derives programs for other denoiser inputs and step counts; None: only ``program`` runs,
             and other inputs are refused.
+        observer: called after every call with ``(step, branch, {state name: tensor})``, the states the
+            variant wrote (calibration measures cache priors and step error densities from them).
     """
 
     def __init__(
-        self, program: Program, *, compile: bool = False, family: ProgramFamily | None = None
+        self, program: Program, *, compile: bool = False, family: ProgramFamily | None = None,
+        observer: StateObserver | None = None,
     ) -> None:
         self.program = program
         self.compile = compile
@@ -63,8 +67,7 @@ class ProgramExecutor(StepSelection):
         self._scalars: dict[tuple[int, str, int, torch.device], torch.Tensor] = {}
         self.states: dict[int, dict[str, list[torch.Tensor]]] = {}
         self.variant_calls: Counter[str] = Counter()
-        # Calibration sets this to a list to receive (step, branch, {state name: tensor}) per call.
-        self.state_log: list[tuple[int, int, dict[str, torch.Tensor]]] | None = None
+        self._observer = observer
 
     def reset(self) -> None:
         """Forget cached state (a new generation begins)."""
@@ -117,6 +120,6 @@ class ProgramExecutor(StepSelection):
         num_user = program.graph.num_user_outputs
         written = dict(zip(variant.state_outputs, outputs[num_user:], strict=True))
         write_state(state, written)
-        if self.state_log is not None:
-            self.state_log.append((step, branch, written))
+        if self._observer is not None:
+            self._observer(step, branch, written)
         return program.graph.rebuild_output(outputs, return_dict)

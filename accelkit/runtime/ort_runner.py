@@ -2,10 +2,10 @@
 
 :class:`OrtProgramRunner` has the interface of :class:`accelkit.runtime.executor.ProgramExecutor`
 (``run(step, branch, kwargs, return_dict)``, ``reset()``, ``program``, ``states``,
-``variant_calls``, ``state_log``), so :class:`AcceleratedPipeline`'s step-aware forward drives it
-unchanged: at each step it runs the variant the schedule names in onnxruntime, feeds the user
-inputs, the state tensors (last value, or the one before for ``"@prev"`` names, exactly as the
-PyTorch executor does) and the step's scalars, and keeps state per CFG branch.
+``variant_calls``, an ``observer`` of written states), so :class:`AcceleratedPipeline`'s step-aware
+forward drives it unchanged: at each step it runs the variant the schedule names in onnxruntime,
+feeds the user inputs, the state tensors (last value, or the one before for ``"@prev"`` names,
+exactly as the PyTorch executor does) and the step's scalars, and keeps state per CFG branch.
 
 That schedule/state logic lives in :class:`ScheduleReplayRunner`, which the TensorRT runner
 (:mod:`accelkit.runtime.trt_runner`) shares; only feeding values and running a variant differ.
@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from accelkit.calibrate.source import StateObserver
 from accelkit.capture.graph import split_call
 from accelkit.errors import InputError, PlanMismatchError
 from accelkit.passes.base import Program
@@ -194,10 +195,13 @@ class ScheduleReplayRunner(StepSelection):
         manifest: its parsed manifest (``program`` and ``models`` sections).
         program_meta: the :class:`Program` the export was made from, a :class:`ProgramMeta`, or None
             to run from the manifest alone (outputs are then returned as a tuple).
+        observer: called after every call with ``(step, branch, {state name: tensor})`` (as the
+            PyTorch executor's).
     """
 
     def __init__(
-        self, directory: str | Path, manifest: Mapping[str, Any], program_meta: Program | ProgramMeta | None
+        self, directory: str | Path, manifest: Mapping[str, Any], program_meta: Program | ProgramMeta | None,
+        *, observer: StateObserver | None = None,
     ) -> None:
         self.directory = Path(directory)
         self.manifest = manifest
@@ -214,7 +218,7 @@ class ScheduleReplayRunner(StepSelection):
         self._plan_meta = meta
         self.states: dict[int, dict[str, list[Any]]] = {}
         self.variant_calls: Counter[str] = Counter()
-        self.state_log: list[tuple[int, int, dict[str, torch.Tensor]]] | None = None
+        self._observer = observer
 
     def reset(self) -> None:
         """Forget cached state (a new generation begins)."""
@@ -325,8 +329,8 @@ class ScheduleReplayRunner(StepSelection):
         num_user = self.meta.num_user_outputs
         written = dict(zip(variant.state_outputs, outputs[num_user:], strict=True))
         write_state(state, written)
-        if self.state_log is not None:
-            self.state_log.append((step, branch, {k: self._to_torch(v, None) for k, v in written.items()}))
+        if self._observer is not None:
+            self._observer(step, branch, {k: self._to_torch(v, None) for k, v in written.items()})
         user = tuple(self._to_torch(o, reference.device) for o in outputs[:num_user])
         if self.meta.program is not None:
             return self.meta.program.graph.rebuild_output(user, return_dict)
@@ -346,6 +350,7 @@ class OrtProgramRunner(ScheduleReplayRunner):
             :func:`accelkit.export.onnx.onnxruntime_session_options` (4-bit matmuls with float
             activations, as the export was verified).
         check_files: verify every file's sha256 against the manifest before the first session.
+        observer: sees every step's written states (see :class:`ScheduleReplayRunner`).
     """
 
     def __init__(
@@ -356,13 +361,14 @@ class OrtProgramRunner(ScheduleReplayRunner):
         providers: Sequence[Any] | None = None,
         session_options: Any = None,
         check_files: bool = True,
+        observer: StateObserver | None = None,
     ) -> None:
         from accelkit.export.onnx import onnxruntime_session_options, read_manifest, verify_files
 
         manifest = read_manifest(directory)
         if check_files:
             verify_files(directory, manifest)
-        super().__init__(directory, manifest, program_meta)
+        super().__init__(directory, manifest, program_meta, observer=observer)
         self.providers = list(providers) if providers is not None else ["CPUExecutionProvider"]
         self.session_options = session_options if session_options is not None else onnxruntime_session_options()
         self._sessions: dict[str, Any] = {}

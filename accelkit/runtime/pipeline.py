@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from accelkit.calibrate.source import StateObserver
 from accelkit.errors import InputError, PlanMismatchError
 from accelkit.passes.base import Program
 
@@ -196,11 +197,14 @@ class AcceleratedPipeline:
             onnxruntime or TensorRT runner of an export; a :class:`ProgramExecutor` when None.
         recipe: how to rebuild the program for other inputs (default: what ``program`` records).
         strict_steps: refuse another ``num_inference_steps`` than the plan's instead of re-deriving.
+        observer: sees every step's written states (see :class:`ProgramExecutor`); only with the default
+            executor (an export's runner takes its own).
     """
 
     def __init__(
         self, pipe: Any, program: Program, *, compile: bool = False, call_defaults: dict[str, Any] | None = None,
         executor: Any = None, recipe: Recipe | None = None, strict_steps: bool = False,
+        observer: StateObserver | None = None,
     ) -> None:
         program.validate()
         self.pipe = pipe
@@ -209,7 +213,9 @@ class AcceleratedPipeline:
         self.denoiser_name, self.denoiser = find_denoiser(pipe)
         self.family = ProgramFamily(program, recipe or Recipe.of_program(program), self._capture)
         if executor is None:
-            executor = ProgramExecutor(program, compile=compile, family=self.family)
+            executor = ProgramExecutor(program, compile=compile, family=self.family, observer=observer)
+        elif observer is not None:
+            raise ValueError("AcceleratedPipeline: pass the observer to the executor given, not here")
         if isinstance(executor, StepSelection):
             executor.family = self.family
         self.executor = executor

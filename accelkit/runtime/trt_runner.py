@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 import torch
 
+from accelkit.calibrate.source import StateObserver
 from accelkit.errors import InputError
 from accelkit.passes.base import Program
 from accelkit.runtime.ort_runner import ProgramMeta, ScheduleReplayRunner, VariantMeta, apply_runner
@@ -158,6 +159,7 @@ class TrtProgramRunner(ScheduleReplayRunner):
             run from the manifest alone (outputs are then returned as a tuple).
         backend: what runs an engine (default: :class:`TensorRTEngines` over ``directory``).
         check_files: verify every engine file's sha256 against the manifest first.
+        observer: sees every step's written states (see :class:`ScheduleReplayRunner`).
     """
 
     def __init__(
@@ -167,13 +169,14 @@ class TrtProgramRunner(ScheduleReplayRunner):
         *,
         backend: EngineBackend | None = None,
         check_files: bool = True,
+        observer: StateObserver | None = None,
     ) -> None:
         from accelkit.export.tensorrt import read_engine_manifest, verify_engine_files
 
         manifest = read_engine_manifest(directory)
         if check_files:
             verify_engine_files(directory, manifest)
-        super().__init__(directory, manifest, program_meta)
+        super().__init__(directory, manifest, program_meta, observer=observer)
         self.backend = backend if backend is not None else TensorRTEngines(directory, manifest)
         self.device = self.backend.device
         self._scalars: dict[tuple[str, int], torch.Tensor] = {}

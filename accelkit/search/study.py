@@ -263,6 +263,7 @@ def prepare_search(settings: OptimizeSettings, *, role: str = "optimize", consol
     from accelkit.calibrate import Calibrator
     from accelkit.loading import load_pipeline, weights_fingerprint
     from accelkit.pipeline_io import probe_and_capture
+    from accelkit.runtime.pipeline import AcceleratedPipeline
     from accelkit.search.cost import device_spec
 
     say: Callable[[str], None] = (console.print if console is not None else (lambda *_: None))
@@ -304,7 +305,8 @@ def prepare_search(settings: OptimizeSettings, *, role: str = "optimize", consol
                        guidance_scale=generation["guidance_scale"], seed=settings.seed,
                        num_frames=generation.get("num_frames"), weights_hash=weights_hash,
                        cache_dir=out / "calibration" if out is not None else None,
-                       extra_call_kwargs=dict(generation.get("call_arguments", {})))
+                       extra_call_kwargs=dict(generation.get("call_arguments", {})),
+                       run_program=AcceleratedPipeline)
     evaluator = Evaluator(base=base, calib=calib, spec=spec,
                           latency_inputs=calls[0] if settings.cost == "latency" else None)
     _enqueue_seeds(study, settings, evaluator, targets, role, created)

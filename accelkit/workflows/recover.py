@@ -215,7 +215,8 @@ def recover_plan(
     """
     from accelkit.calibrate import Calibrator
     from accelkit.loading import load_pipeline
-    from accelkit.passes.prune import record_calibration_inputs, recovered_weight_key
+    from accelkit.passes.prune import recovered_weight_key
+    from accelkit.runtime.pipeline import AcceleratedPipeline
     from accelkit.runtime.plan import read_plan
 
     say = say or (lambda _: None)
@@ -233,9 +234,10 @@ def recover_plan(
 
     generation = plan.data["generation"]
     calib = Calibrator(pipe, train_prompts, height=generation["height"], width=generation["width"],
-                       guidance_scale=generation["guidance_scale"], seed=seed)
+                       guidance_scale=generation["guidance_scale"], seed=seed,
+                       run_program=AcceleratedPipeline)
     say(f"recording teacher trajectories on {len(train_prompts)} training prompts ...")
-    calls = record_calibration_inputs(stages.teacher, calib, max_calls=10**9)
+    calls = calib.denoiser_inputs(stages.teacher, 10**9)
     say(f"distilling {len(removed)} removed block(s) ({', '.join(removed)}) on {len(calls)} recorded calls")
     student = stages.pruned.variants["full"].module
     result = distill(stages.teacher.variants["full"].module, student, removed, calls, stages.num_outputs, config,
@@ -248,7 +250,8 @@ def recover_plan(
 
     say(f"evaluating on {len(held_out)} held-out prompts ...")
     evaluator = Calibrator(pipe, held_out, height=generation["height"], width=generation["width"],
-                           guidance_scale=generation["guidance_scale"], seed=seed)
+                           guidance_scale=generation["guidance_scale"], seed=seed,
+                           run_program=AcceleratedPipeline)
     before, after = _fidelity_before_after(evaluator, stages.baseline, stages.unrecovered, recovered_program)
     recovery = _recovery_section(config, removed, result, chosen, calls, before, after, device)
     _save(out_dir, plan, new_weights, recovery, say)

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import ast
+import inspect
 import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -173,8 +174,6 @@ LAYERS: tuple[tuple[str, ...], ...] = (
 
 # (importing module, imported package) -> the change that removes the edge. Owners in brackets.
 KNOWN_VIOLATIONS: dict[tuple[str, str], str] = {
-    ("accelkit/calibrate/__init__.py", "passes"): "passes get a CalibrationSource protocol (#15 item 4)",
-    ("accelkit/calibrate/__init__.py", "runtime"): "generation through a CalibrationSource (#15 item 4)",
 }
 
 
@@ -185,12 +184,38 @@ def _module_name(path: Path) -> str:
     return ".".join(parts)
 
 
+def _is_type_checking_block(node: ast.AST) -> bool:
+    """``if TYPE_CHECKING:`` / ``if typing.TYPE_CHECKING:``: imports for annotations only, never run."""
+    if not isinstance(node, ast.If):
+        return False
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def _runtime_nodes(tree: ast.AST) -> Iterable[ast.AST]:
+    """Every node of ``tree`` except the bodies of ``if TYPE_CHECKING:`` blocks (their ``else`` runs)."""
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        yield node
+        if _is_type_checking_block(node):
+            stack.extend(node.orelse)
+        else:
+            stack.extend(ast.iter_child_nodes(node))
+
+
 def _imported_modules(path: Path) -> set[str]:
-    """Absolute names of the accelkit modules ``path`` imports (relative imports resolved)."""
+    """Absolute names of the accelkit modules ``path`` imports at run time (relative imports resolved).
+
+    Imports under ``if TYPE_CHECKING:`` are left out: they name a higher layer's types in annotations
+    (``calibrate`` annotating with ``passes.base.Program``) and never execute.
+    """
     module = _module_name(path)
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     names: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in _runtime_nodes(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -324,3 +349,77 @@ def test_no_module_imports_a_module_that_imports_it_back():
         graph[name] = {m for m in graph[name] if not name.startswith(f"{m}.")}
     pairs = sorted((a, b) for a in graph for b in graph[a] if a in graph.get(b, ()) and a < b)
     assert not pairs, f"modules importing each other: {pairs}"
+
+
+def test_type_checking_imports_are_not_run_time_edges(tmp_path, monkeypatch):
+    planted = tmp_path / "accelkit" / "calibrate" / "planted.py"
+    planted.parent.mkdir(parents=True)
+    planted.write_text(
+        "from typing import TYPE_CHECKING\n"
+        "import typing\n"
+        "if TYPE_CHECKING:\n"
+        "    from accelkit.passes.base import Program\n"
+        "if typing.TYPE_CHECKING:\n"
+        "    import accelkit.search.optimize\n"
+        "else:\n"
+        "    from accelkit.runtime import executor\n"
+        "def f():\n"
+        "    from accelkit.report import metrics\n"
+    )
+    monkeypatch.setitem(globals(), "ROOT", tmp_path)
+    imported = _imported_modules(planted)
+    assert "accelkit.passes.base" not in imported and "accelkit.search.optimize" not in imported
+    # The else branch and lazy imports inside functions run: they stay edges.
+    assert {"accelkit.runtime.executor", "accelkit.report.metrics"} <= imported
+
+
+# ---------------------------------------------------------------- (d) passes see calibration through its protocol
+
+# What a pass must not do to the pipeline: reach it (``.pipe``), hook its denoiser, or patch its scheduler.
+PIPELINE_REACHES = (r"\.pipe\b", r"register_forward_pre_hook", r"register_forward_hook", r"set_timesteps\s*=")
+
+
+def pipeline_reaches(paths: Iterable[Path]) -> list[str]:
+    pattern = re.compile("|".join(PIPELINE_REACHES))
+    found = []
+    for path in paths:
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if match := pattern.search(line):
+                where = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+                found.append(f"{where}:{number}: {match.group()}")
+    return found
+
+
+def test_pipeline_reaches_finds_planted_ones(tmp_path):
+    planted = tmp_path / "planted.py"
+    planted.write_text("a = c.pipe.scheduler\nh = m.register_forward_pre_hook(f)\ns.set_timesteps = spy\n")
+    assert len(pipeline_reaches([planted])) == 3
+    planted.write_text("pipeline = 1\ncalib.pipeline_schedule(3)\ns.set_timesteps(3)\n")
+    assert not pipeline_reaches([planted])
+
+
+def test_passes_never_touch_the_pipeline():
+    found = pipeline_reaches(modules_of(["passes"]))
+    assert not found, "passes reach into the pipeline; ask the CalibrationSource:\n" + "\n".join(found)
+
+
+def test_every_pass_function_takes_a_calibration_source():
+    import typing
+
+    from accelkit.calibrate.source import CalibrationSource
+    from accelkit.passes.base import registered_passes
+
+    passes = {name: entry for name, entry in registered_passes().items()
+              if entry.function.__module__.startswith("accelkit.passes.")}
+    assert {"steps", "prune", "quant", "sparse", "cache"} <= set(passes)
+    for name, entry in passes.items():
+        hints = typing.get_type_hints(entry.function)
+        calib = list(inspect.signature(entry.function).parameters)[2]
+        assert CalibrationSource in typing.get_args(hints[calib]), f"pass '{name}': {calib}: {hints[calib]}"
+
+
+def test_one_module_installs_denoiser_hooks():
+    """Every recorder of denoiser calls goes through ``pipeline_io.observing_denoiser_calls``."""
+    hooking = sorted({line.split(":", 1)[0] for line in pipeline_reaches(PACKAGE.rglob("*.py"))
+                      if "register_forward" in line})
+    assert hooking == ["accelkit/pipeline_io.py"], hooking

@@ -16,7 +16,7 @@ from accelkit.loading import record_denoiser_calls
 from accelkit.passes.base import Program, run_passes
 from accelkit.passes.cache import CacheConfig, cache, locate_span, taylor_coefficients
 from accelkit.runtime.executor import ProgramExecutor
-from accelkit.runtime.pipeline import find_denoiser
+from accelkit.runtime.pipeline import AcceleratedPipeline, find_denoiser
 from tests.fixtures.tiny_models import FAMILIES, pipeline_call_kwargs, tiny_denoiser, tiny_pipeline
 
 STEPS = 4
@@ -318,7 +318,8 @@ def test_dp_schedule_with_calibrator(kind):
         )
     }
     calib = Calibrator(
-        pipe, ["a red circle", "a blue square"], 64, 64, call["guidance_scale"], extra_call_kwargs=extra
+        pipe, ["a red circle", "a blue square"], 64, 64, call["guidance_scale"], extra_call_kwargs=extra,
+        run_program=AcceleratedPipeline,
     )
     program = Program.from_graph(graph, steps)
     config = CacheConfig(full_fraction=0.5, schedule="dp")
@@ -348,10 +349,7 @@ def test_infeasible_dp_schedule_is_bad_input(captured):
     graph, _, _ = captured["dit"]
 
     class FixedPrior:
-        def cache_key(self, *args, **kwargs):
-            return "prior"
-
-        def cached_array(self, key, compute):
+        def cached(self, kind, program, compute, **parts):
             return np.ones((8, 8))
 
     config = CacheConfig(full_fraction=0.25, schedule="dp", warmup=2, max_gap=2)
@@ -400,7 +398,8 @@ def test_dp_schedule_after_sparse_dense_steps_with_calibrator():
     call["num_inference_steps"] = steps
     recorded = record_denoiser_calls(pipe, **call)
     graph = capture(find_denoiser(pipe)[1], recorded[0])
-    calib = Calibrator(pipe, ["a red circle"], 64, 64, call["guidance_scale"])
+    calib = Calibrator(pipe, ["a red circle"], 64, 64, call["guidance_scale"],
+                       run_program=AcceleratedPipeline)
     sparse = _sparse_with_dense_steps(graph, steps, 2)
     for prior in ("residual", "end_to_end"):
         result = cache(sparse, CacheConfig(full_fraction=0.5, schedule="dp", prior=prior, max_gap=4), calib)
@@ -415,12 +414,9 @@ class _PriorCalib:
     def __init__(self, order):
         import types
 
-        self.pipe = types.SimpleNamespace(scheduler=types.SimpleNamespace(config={"solver_order": order}))
+        self.scheduler = types.SimpleNamespace(config={"solver_order": order})
 
-    def cache_key(self, kind, program, **parts):
-        return kind
-
-    def cached_array(self, key, compute):
+    def cached(self, kind, program, compute, **parts):
         prior = np.full((12, 11), 1e-3)
         prior[:, 1] = 1.0  # a one-step lag is costly, longer ones cheap: the free DP makes long gaps
         return prior

@@ -26,6 +26,7 @@ from accelkit.passes.prune import (
     removal_candidates,
     select_min_loss,
 )
+from accelkit.runtime.pipeline import AcceleratedPipeline
 from tests.fixtures.tiny_models import EXPECTED_BLOCKS, pipeline_call_kwargs, tiny_denoiser, tiny_pipeline
 
 TRANSFORMERS = ("flux", "sd3", "pixart", "dit")
@@ -327,7 +328,8 @@ def flux_calibrated():
     short = {"max_sequence_length": 16}
     calls = record_denoiser_calls(pipe, **pipeline_call_kwargs("flux"), **short)
     program = Program.from_graph(capture(pipe.transformer, calls[0]), 4)
-    return pipe, program, Calibrator(pipe, ["a red circle"], 64, 64, 3.5, extra_call_kwargs=short)
+    return pipe, program, Calibrator(pipe, ["a red circle"], 64, 64, 3.5, extra_call_kwargs=short,
+                                     run_program=AcceleratedPipeline)
 
 
 def test_output_mse_scores_select_and_resolve(flux_calibrated):

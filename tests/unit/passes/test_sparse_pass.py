@@ -30,6 +30,7 @@ from accelkit.passes.sparse import (
     sparse,
 )
 from accelkit.runtime.executor import ProgramExecutor
+from accelkit.runtime.pipeline import AcceleratedPipeline
 from tests.fixtures.tiny_models import pipeline_call_kwargs, tiny_denoiser, tiny_pipeline
 
 FAMILIES = ("flux", "sd3", "dit")
@@ -246,7 +247,8 @@ def flux_calibrated():
     call = dict(pipeline_call_kwargs("flux"), height=128, width=128)
     calls = record_denoiser_calls(pipe, **call, **short)
     program = Program.from_graph(capture(pipe.transformer, calls[0]), 4)
-    return pipe, program, Calibrator(pipe, ["a red circle"], 128, 128, 3.5, extra_call_kwargs=short)
+    return pipe, program, Calibrator(pipe, ["a red circle"], 128, 128, 3.5, extra_call_kwargs=short,
+                                     run_program=AcceleratedPipeline)
 
 
 def test_calibrated_budget_holds_and_resolved_config_replays(flux_calibrated):
@@ -265,12 +267,11 @@ def test_calibrated_budget_holds_and_resolved_config_replays(flux_calibrated):
     kept = [n.meta[KEPT_FRACTION_META] for n in module.graph.nodes if KEPT_FRACTION_META in n.meta]
     assert kept == list(stats["kept_fraction"].values())
     # Independent check of the error at the chosen τ on freshly recorded calibration inputs.
-    from accelkit.passes.prune import record_calibration_inputs
     from accelkit.passes.sparse import TAU_GRID as grid
 
     config = SparseConfig(l1_budget=budget, calibration_calls=3, **SMALL)
     sites = _sparse_sites(program, config)
-    calls = record_calibration_inputs(program, calib, config.calibration_calls)
+    calls = calib.denoiser_inputs(program, config.calibration_calls)
     profile = profile_sites(program.variants["full"].module, sites, calls, config,
                             grid=[stats["taus"][s.name] for s in sites])
     for index, site in enumerate(sites):

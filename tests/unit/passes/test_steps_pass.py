@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from accelkit.calibrate import Calibrator
+from accelkit.calibrate import Calibrator, SchedulerFacts
 from accelkit.capture.graph import capture
 from accelkit.errors import InputError
 from accelkit.loading import record_denoiser_calls
@@ -17,7 +17,6 @@ from accelkit.passes.steps import (
     _STATE,
     StepsConfig,
     error_density,
-    pipeline_schedule,
     placement_unavailable,
     solver_order,
     steps,
@@ -40,7 +39,7 @@ def flux():
 @pytest.fixture(scope="module")
 def calib(flux):
     pipe, _ = flux
-    return Calibrator(pipe, ["a red circle", "a blue square"], 64, 64, 3.5)
+    return Calibrator(pipe, ["a red circle", "a blue square"], 64, 64, 3.5, run_program=AcceleratedPipeline)
 
 
 def _run(pipe, program, **overrides):
@@ -246,7 +245,7 @@ def test_equalized_placement_on_flow_matching(flux, calib):
 def test_equalized_blend_zero_is_the_default_spacing(flux, calib):
     pipe, program = flux
     result = steps(program, StepsConfig(num_steps=3, placement="equalized", blend=0.0), calib)
-    default = pipeline_schedule(calib, 3).sigmas
+    default = calib.pipeline_schedule(3).sigmas
     np.testing.assert_allclose(result.stats["effective_sigmas"], default, rtol=1e-6, atol=1e-7)
     seen = _run(pipe, result.program)[1]
     np.testing.assert_allclose(seen["sigmas"].double().numpy(), default, rtol=1e-6, atol=1e-7)
@@ -261,11 +260,15 @@ def test_equalized_needs_calibration(flux):
 def test_placement_unavailable_names_schedulers_without_custom_steps():
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler
 
-    assert "accepts no custom timesteps or sigmas" in placement_unavailable(DDIMScheduler())
-    assert "accepts no custom" in placement_unavailable(EulerAncestralDiscreteScheduler())
-    assert placement_unavailable(DPMSolverMultistepScheduler()) is None
-    assert "use_karras_sigmas" in placement_unavailable(DPMSolverMultistepScheduler(use_karras_sigmas=True))
-    assert solver_order(DPMSolverMultistepScheduler(solver_order=3)) == 3
+    def facts(scheduler):
+        return SchedulerFacts.of(scheduler)
+
+    assert "accepts no custom timesteps or sigmas" in placement_unavailable(facts(DDIMScheduler()))
+    assert "accepts no custom" in placement_unavailable(facts(EulerAncestralDiscreteScheduler()))
+    assert placement_unavailable(facts(DPMSolverMultistepScheduler())) is None
+    karras = DPMSolverMultistepScheduler(use_karras_sigmas=True)
+    assert "use_karras_sigmas" in placement_unavailable(facts(karras))
+    assert solver_order(facts(DPMSolverMultistepScheduler(solver_order=3))) == 3
 
 
 # (scheduler class, config overrides, pipeline argument the placement goes through or None: default spacing)
@@ -296,7 +299,8 @@ def test_equalized_placement_on_each_scheduler(name, overrides, kind):
     call = pipeline_call_kwargs("pixart")
     graph = capture(pipe.transformer, record_denoiser_calls(pipe, **call)[0])
     extra = {k: PIPELINE_CALL_KWARGS["pixart"][k] for k in ("use_resolution_binning", "clean_caption")}
-    calib = Calibrator(pipe, ["a red circle"], 64, 64, call["guidance_scale"], extra_call_kwargs=extra)
+    calib = Calibrator(pipe, ["a red circle"], 64, 64, call["guidance_scale"], extra_call_kwargs=extra,
+                       run_program=AcceleratedPipeline)
     program = Program.from_graph(graph, 6)
     result = steps(program, StepsConfig(num_steps=3, placement="equalized"), calib)
     assert result.program.num_steps == 3
@@ -308,7 +312,7 @@ def test_equalized_placement_on_each_scheduler(name, overrides, kind):
     assert result.stats["solver_order"] == overrides.get("solver_order", 1 if name.startswith("Euler") else 2)
     effective = np.asarray(result.stats["effective_sigmas"])
     assert np.all(np.diff(effective) < 0)
-    default = pipeline_schedule(calib, 3).sigmas
+    default = calib.pipeline_schedule(3).sigmas
     assert not np.allclose(effective, default)  # the steps moved
     if name.startswith("Heun"):
         return

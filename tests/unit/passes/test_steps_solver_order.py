@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from accelkit.calibrate import Calibrator
+from accelkit.calibrate.source import SchedulerFacts
 from accelkit.capture import capture
 from accelkit.errors import InputError
 from accelkit.loading import load_pipeline, record_denoiser_calls, weights_fingerprint
@@ -39,7 +40,7 @@ def shapes():
     calls = record_denoiser_calls(pipe, prompt="a photo", num_inference_steps=2, output_type="latent",
                                   generator=torch.Generator().manual_seed(0), **GENERATION)
     program = Program.from_graph(capture(denoiser, calls[0]), STEPS)
-    calib = Calibrator(pipe, ["a red circle", "a blue square"], seed=0, **GENERATION)
+    calib = Calibrator(pipe, ["a red circle", "a blue square"], seed=0, **GENERATION, run_program=AcceleratedPipeline)
     return pipe, program, calib, flow_match_config
 
 
@@ -144,13 +145,13 @@ def test_the_knob_is_searched_for_dpm_solver_and_absent_for_flow_match_euler(sha
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     pipe, *_, flow_match_config = shapes
-    facts = solver_order_facts(pipe.scheduler)
+    facts = solver_order_facts(SchedulerFacts.of(pipe.scheduler))
     assert facts == {"solver_order": 2, "solver_orders": (1, 3), "lower_order_final": True}
     dpm = search_space("steps", {"steps": facts})
     assert dpm["solver_order"].options == (None, 1, 3) and dpm["lower_order_final"].options == (None, False)
     euler = FlowMatchEulerDiscreteScheduler.from_config(flow_match_config)
-    assert solver_order_facts(euler) == {}
-    assert set(search_space("steps", {"steps": solver_order_facts(euler)})) == set(StepsConfig.SEARCH_SPACE)
+    assert solver_order_facts(SchedulerFacts.of(euler)) == {}
+    assert set(search_space("steps", {"steps": solver_order_facts(SchedulerFacts.of(euler))})) == set(StepsConfig.SEARCH_SPACE)
     assert "solver_order" not in search_space("steps")  # no probe, no knob
     # A sampled trial carries the knob; the seeds try each other order at the fewer-steps count.
     trial = optuna.trial.FixedTrial({"steps.fraction": 0.5, "steps.placement": "default", "steps.blend": 1.0,
@@ -184,7 +185,7 @@ def test_bad_orders_are_one_line_input_errors(shapes):
         StepsConfig(lower_order_final="yes")
     euler_pipe = load_pipeline("zoo:shapes").pipe
     euler_pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(flow_match_config)
-    euler_calib = Calibrator(euler_pipe, ["a red circle"], seed=0, **GENERATION)
+    euler_calib = Calibrator(euler_pipe, ["a red circle"], seed=0, **GENERATION, run_program=AcceleratedPipeline)
     with pytest.raises(Exception, match="has no such setting") as error:
         run_passes(base, [StepsConfig(num_steps=3, solver_order=1)], euler_calib)
     assert isinstance(error.value.__cause__, InputError)

@@ -20,7 +20,7 @@ from accelkit.passes.base import Program, run_passes
 from accelkit.passes.cache import CacheConfig
 from accelkit.passes.prune import PruneConfig
 from accelkit.passes.steps import StepsConfig
-from accelkit.runtime.pipeline import find_denoiser, min_psnr
+from accelkit.runtime.pipeline import AcceleratedPipeline, find_denoiser, min_psnr
 from accelkit.runtime.plan import load, write_plan
 
 BASELINE_STEPS = 6
@@ -39,7 +39,7 @@ def pipe():
 
 
 def _write(pipe, directory, configs):
-    calib = Calibrator(pipe, ["a red circle"], seed=0, **GENERATION)
+    calib = Calibrator(pipe, ["a red circle"], seed=0, run_program=AcceleratedPipeline, **GENERATION)
     _, denoiser = find_denoiser(pipe)
     calls = record_denoiser_calls(pipe, prompt="a photo", num_inference_steps=2, generator=torch.Generator().manual_seed(0),
                                   output_type="latent", **GENERATION)
