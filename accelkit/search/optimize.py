@@ -864,9 +864,12 @@ def _finish(settings: OptimizeSettings, study: Any, evaluator: Evaluator, target
             say(f"[red]{message}[/]")
             continue
         resolved = choice.resolved
-        program = _program_from_resolved(evaluator, resolved)
+        if choice.is_fewer_steps:  # the reference above: same program, prompts and seeds (no second generation)
+            program, metrics, images = reference_program, reference_metrics, reference_images
+        else:
+            program = _program_from_resolved(evaluator, resolved)
+            metrics, images = evaluator.fidelity(program, evaluation_prompts, baseline_eval, seed_offset)
         speedup, cost = evaluator.speedup(program)
-        metrics, images = evaluator.fidelity(program, evaluation_prompts, baseline_eval, seed_offset)
         ablations = _ablations(evaluator, program, resolved, evaluation_prompts, baseline_eval, seed_offset)
         for key, ablation in _plan_ablations(program).items():
             if key in ablations and "error" not in ablations[key]:
