@@ -19,9 +19,8 @@ removed, the student's value stands where the teacher's value *entering the next
 (the removal wired the removed blocks' outputs to their inputs), so that teacher value is the target;
 the pairing comes from :func:`accelkit.capture.streams.removal_candidates`, not from node positions.
 
-:func:`recover_plan` runs this on a plan under ``OUT/plans/<budget>/``, stores the student's weights
-in the plan's ``weights.safetensors`` under ``prune.<weight>`` (the prune pass applies them when the
-plan is replayed) and a ``recovery`` section in ``plan.json`` and the report.
+Running this on a plan (recording the teacher's calls, storing the student's weights in the plan and
+a ``recovery`` section in ``plan.json`` and the report) is orchestration: :mod:`accelkit.workflows.recover`.
 """
 
 from __future__ import annotations
@@ -31,7 +30,6 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,7 +37,7 @@ import torch
 from torch import fx
 
 from accelkit.capture.blocks import find_blocks
-from accelkit.capture.graph import clone_graph_module
+from accelkit.capture.graph import clone_graph_module, replace_weights
 from accelkit.capture.streams import removal_candidates
 from accelkit.errors import InputError
 
@@ -47,14 +45,11 @@ __all__ = [
     "DistillConfig",
     "DistillResult",
     "MatchedPoint",
-    "RecoveryResult",
     "distill",
     "distillation_losses",
     "evaluate_losses",
     "matched_points",
     "normalized_feature_loss",
-    "recover_plan",
-    "removable_blocks",
     "trainable_copy",
     "with_extra_outputs",
 ]
@@ -62,8 +57,6 @@ __all__ = [
 # Teacher targets of all recorded calls are kept in memory when they fit in this many bytes
 # (saves a teacher forward per student step); above it they are recomputed every time.
 TEACHER_CACHE_BYTES = 1 << 30
-# Evaluation prompts use seeds far from the training prompts' (as `accelkit optimize` does).
-EVAL_SEED_OFFSET = 10_000
 # Recorded calls the before/after loss measurements average over.
 LOSS_PROBE_CALLS = 8
 
@@ -197,8 +190,6 @@ def trainable_copy(module: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, to
     Returns:
         The copy and its trainable parameters by get_attr target (``transformer_blocks.0.ff.net.0.proj.weight``).
     """
-    from accelkit.passes.prune import replace_weights
-
     targets = sorted({str(n.target) for n in module.graph.nodes if n.op == "get_attr"})
     parameters: dict[str, torch.nn.Parameter] = {}
     for target in targets:
@@ -388,219 +379,3 @@ def distill(
     weights = {name: p.detach().clone() for name, p in zip(names, live, strict=True)}
     return DistillResult(weights=weights, losses_before=losses_before, losses_after=losses_after,
                          last_step=history[-1], history=history, seconds=seconds, points=points)
-
-
-# ---------------------------------------------------------------- plans
-
-
-@dataclass
-class RecoveryResult:
-    """Outcome of :func:`recover_plan`.
-
-    Args:
-        plan_dir: the plan directory that was updated.
-        recovery: the ``recovery`` section written to ``plan.json``.
-        report_updated: whether ``OUT/report/`` was re-rendered with it.
-    """
-
-    plan_dir: Path
-    recovery: dict[str, Any]
-    report_updated: bool
-
-
-def removable_blocks(plan: Any) -> list[str]:
-    """The blocks ``plan`` removed; an InputError when it removed none or cannot be distilled."""
-    passes = plan.passes
-    removed = list((passes.get("prune") or {}).get("removed_blocks") or [])
-    if not removed:
-        raise InputError(f"plan {plan.budget} removed no blocks; distill recovers pruned plans: rerun "
-                         "`accelkit optimize` with --passes that include prune (e.g. --passes prune,cache)")
-    if "quant" in passes:
-        raise InputError(f"plan {plan.budget} quantizes after pruning; its 4-bit tensors were made from the "
-                         "undistilled weights: distill a plan optimized without quant")
-    return removed
-
-
-def _report_entry(out_dir: Path, budget: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
-    import json
-
-    path = out_dir / "report" / "report.json"
-    if not path.is_file():
-        return None, None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None, None
-    entry = next((b for b in data.get("budgets", []) if isinstance(b, dict) and b.get("budget") == budget), None)
-    return data, entry
-
-
-def recover_plan(
-    out_dir: str | Path,
-    budget: str | None,
-    config: DistillConfig,
-    *,
-    model: str | None = None,
-    device: str = "cpu",
-    prompts: Sequence[str] | None = None,
-    eval_prompts: Sequence[str] | None = None,
-    num_prompts: int = 8,
-    num_eval_prompts: int = 8,
-    progress: Callable[[int, int, dict[str, float]], None] | None = None,
-    say: Callable[[str], None] | None = None,
-) -> RecoveryResult:
-    """Distill the pruned plan ``OUT/plans/<budget>`` from the original model and save the student.
-
-    Args:
-        out_dir: the directory ``accelkit optimize`` wrote.
-        budget: which plan (None: the only one).
-        config: training settings.
-        model: model to load (default: the one the plan names; its weights must match).
-        device: ``cpu`` or ``cuda``.
-        prompts: training prompts (default: the model's calibration prompts, ``num_prompts`` of them).
-        eval_prompts: held-out prompts for the before/after PSNR (default: the report's evaluation
-            prompts for this budget, else the model's held-out prompts, ``num_eval_prompts`` of them).
-        num_prompts: training prompts when ``prompts`` is None.
-        num_eval_prompts: evaluation prompts when neither ``eval_prompts`` nor a report gives them.
-        progress: per-step callback, see :func:`distill`.
-        say: receives one-line status messages.
-
-    Raises:
-        InputError: no such plan, a plan without pruning, or one that also quantizes.
-    """
-    from safetensors.torch import save
-
-    from accelkit._io import atomic_write_bytes
-    from accelkit.calibrate import Calibrator
-    from accelkit.loading import load_pipeline
-    from accelkit.passes.base import PASS_ORDER, Program, config_from_dict, run_passes
-    from accelkit.passes.prune import RECOVERED_WEIGHT_PREFIX, record_calibration_inputs, recovered_weight_key
-    from accelkit.report.metrics import fidelity
-    from accelkit.runtime.plan import build_program, read_plan, write_plan_json
-    from accelkit.search.optimize import OptimizeSettings, _prompt_sets
-
-    say = say or (lambda _: None)
-    out_dir = Path(out_dir)
-    plan = read_plan(out_dir, budget)
-    removed = removable_blocks(plan)
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"--device {device} but no CUDA device is visible: use --device cpu")
-    loaded = load_pipeline(model or plan.data["model"]["id"], device=device)
-    pipe = loaded.pipe
-    report_data, report_entry = _report_entry(out_dir, plan.budget)
-    defaults = _prompt_sets(
-        OptimizeSettings(model=loaded.model_id, num_prompts=num_prompts, num_eval_prompts=num_eval_prompts),
-        loaded.source)
-    default_train, default_eval = defaults.calibration, defaults.evaluation
-    train_prompts = list(prompts) if prompts else default_train
-    seed = 0
-    if eval_prompts:
-        held_out = list(eval_prompts)
-    elif report_entry is not None and report_entry.get("eval_prompts"):
-        # The report's prompts and seeds: "before" then reproduces the report's PSNR for this plan.
-        held_out = [str(p) for p in report_entry["eval_prompts"]]
-        seed = int((report_data or {}).get("settings", {}).get("seed", 0))
-    else:
-        held_out = default_eval
-
-    # The plan's program as it is, and the stages around prune, all from one capture.
-    current = build_program(plan, pipe)
-    # Distillation starts again from the original weights, replacing any earlier recovery.
-    kept_weights = {k: v for k, v in current.new_weights.items() if not k.startswith(RECOVERED_WEIGHT_PREFIX)}
-    baseline = Program.from_graph(current.graph, int(plan.data["baseline_steps"]))
-    configs = [config_from_dict(name, data) for name, data in plan.passes.items()]
-    prune_position = PASS_ORDER.index("prune")
-    earlier = [c for n, c in zip(plan.passes, configs, strict=True) if PASS_ORDER.index(n) < prune_position]
-    later = [c for n, c in zip(plan.passes, configs, strict=True) if PASS_ORDER.index(n) > prune_position]
-    prune_config = configs[list(plan.passes).index("prune")]
-    teacher_program, _ = run_passes(baseline.replace(new_weights=kept_weights), earlier)
-    pruned_program, _ = run_passes(teacher_program, [prune_config])
-    unrecovered, _ = run_passes(pruned_program, later)
-
-    generation = plan.data["generation"]
-    calib = Calibrator(pipe, train_prompts, height=generation["height"], width=generation["width"],
-                       guidance_scale=generation["guidance_scale"], seed=seed)
-    say(f"recording teacher trajectories on {len(train_prompts)} training prompts ...")
-    calls = record_calibration_inputs(teacher_program, calib, max_calls=10**9)
-    say(f"distilling {len(removed)} removed block(s) ({', '.join(removed)}) on {len(calls)} recorded calls")
-    teacher = teacher_program.variants["full"].module
-    student = pruned_program.variants["full"].module
-    num_outputs = current.graph.num_user_outputs
-    result = distill(teacher, student, removed, calls, num_outputs, config, progress=progress)
-
-    recovered = {recovered_weight_key(t): w.detach().cpu().contiguous() for t, w in result.weights.items()}
-    new_weights = {**kept_weights, **recovered}
-    replayed_teacher, _ = run_passes(baseline.replace(new_weights=new_weights), earlier)
-    replayed, _ = run_passes(replayed_teacher, [prune_config])
-    _check_replay(replayed.variants["full"].module, result.weights, student, calls[0], num_outputs)
-    recovered_program, _ = run_passes(replayed, later)
-
-    say(f"evaluating on {len(held_out)} held-out prompts ...")
-    evaluator = Calibrator(pipe, held_out, height=generation["height"], width=generation["width"],
-                           guidance_scale=generation["guidance_scale"], seed=seed)
-    reference = evaluator.generate(baseline, seed_offset=EVAL_SEED_OFFSET).images
-    before = fidelity(evaluator.generate(unrecovered, seed_offset=EVAL_SEED_OFFSET).images, reference)
-    after = fidelity(evaluator.generate(recovered_program, seed_offset=EVAL_SEED_OFFSET).images, reference)
-
-    recovery = {
-        "method": "normalized feature distillation (LAPTOP-Diff): output MSE + per-point ||Fs-Ft||^2/||Ft||^2",
-        "config": config.to_dict(),
-        "removed_blocks": list(removed),
-        "matched_points": len(result.points),
-        "trained_tensors": len(result.weights),
-        "train_prompts": len(train_prompts),
-        "train_calls": len(calls),
-        "losses_before": result.losses_before,
-        "losses_after": result.losses_after,
-        "last_step_losses": result.last_step,
-        "eval_prompts": len(held_out),
-        "psnr_before": before["psnr"],
-        "psnr_after": after["psnr"],
-        "ssim_before": before["ssim"],
-        "ssim_after": after["ssim"],
-        "seconds": result.seconds,
-        "device": device,
-    }
-    # Weights first, then the plan that names them: an interruption in between leaves the old plan
-    # pointing at its old file name, or at the new tensors with the old metadata; never half a file.
-    weights_file = "weights.safetensors"
-    atomic_write_bytes(plan.path / weights_file, save({k: v.detach().cpu().contiguous()
-                                                       for k, v in new_weights.items()}))
-    data = dict(plan.data)
-    data["weights_file"] = weights_file
-    data["recovery"] = recovery
-    if data.pop("engines", None) is not None:
-        say(f"the plan's exported engines hold the old weights and were unlisted: run `accelkit export {out_dir} "
-            f"--budget {plan.budget}` again")
-    write_plan_json(plan.path, data)  # re-hashes the new weights
-    report_updated = False
-    if report_data is not None and report_entry is not None:
-        report_updated = _update_report(out_dir, report_data, plan.budget, recovery)
-    return RecoveryResult(plan_dir=plan.path, recovery=recovery, report_updated=report_updated)
-
-
-def _check_replay(replayed: fx.GraphModule, weights: dict[str, torch.Tensor], student: fx.GraphModule,
-                  inputs: Sequence[torch.Tensor], num_outputs: int) -> None:
-    """The prune pass replayed with the saved tensors must compute what the trained student computes."""
-    from accelkit.passes.prune import replace_weights
-
-    trained = replace_weights(student, {t: w for t, w in weights.items()})
-    with torch.no_grad():
-        expected = list(trained(*inputs))[:num_outputs]
-        actual = list(replayed(*inputs))[:num_outputs]
-    for e, a in zip(expected, actual, strict=True):
-        if not torch.equal(e, a):
-            raise RuntimeError(f"the replayed plan differs from the trained student by "
-                               f"{float((e - a).abs().max()):.3g}; the recovered weights were not applied")
-
-
-def _update_report(out_dir: Path, report_data: dict[str, Any], budget: str, recovery: dict[str, Any]) -> bool:
-    from accelkit.report.render import write_report
-    from accelkit.report.schema import ReportData
-
-    for entry in report_data.get("budgets", []):
-        if isinstance(entry, dict) and entry.get("budget") == budget:
-            entry["recovery"] = recovery
-    data = ReportData.from_json(report_data, root=out_dir / "report")
-    write_report(out_dir, data)
-    return True

@@ -24,8 +24,8 @@ from torch import fx
 from torch.utils import _pytree as pytree
 
 from accelkit.capture.blocks import BlockIndex, find_attention_sites, find_blocks, find_linear_sites
-from accelkit.capture.cost import NodeCost, graph_costs
-from accelkit.errors import CaptureError
+from accelkit.capture.cost import NodeCost, get_attr_value, graph_costs
+from accelkit.errors import CaptureError, InputError
 from accelkit.families import traits_for
 
 
@@ -320,6 +320,36 @@ def clone_graph_module(module: fx.GraphModule) -> fx.GraphModule:
     clone.graph._codegen = fx.graph.CodeGen()
     clone.recompile()
     return clone
+
+
+def replace_weights(module: fx.GraphModule, tensors: dict[str, torch.Tensor]) -> fx.GraphModule:
+    """A copy of ``module`` whose weights named in ``tensors`` (by get_attr target) are those tensors.
+
+    The other weights stay shared with ``module``; ``module`` itself is not touched.
+
+    Raises:
+        InputError: a tensor names a weight the graph does not read, or differs in shape or dtype.
+    """
+    import copy
+
+    targets = {str(n.target) for n in module.graph.nodes if n.op == "get_attr"}
+    unknown = sorted(set(tensors) - targets)
+    if unknown:
+        raise InputError(f"recovered weights name {unknown[:3]}, which the pruned graph does not read: the plan's "
+                         "weights belong to another pruning; rerun `accelkit distill` on this plan")
+    root: dict[str, Any] = {}
+    for target in targets:
+        current = get_attr_value(module, target)
+        replacement = tensors.get(target)
+        if replacement is not None and (replacement.shape != current.shape or replacement.dtype != current.dtype):
+            raise InputError(f"recovered weight '{target}' is {list(replacement.shape)} {replacement.dtype}, the graph "
+                             f"reads {list(current.shape)} {current.dtype}: rerun `accelkit distill` on this plan")
+        root[target] = current if replacement is None else replacement.to(current.device)
+    graph = copy.deepcopy(module.graph)
+    copied = fx.GraphModule(root, graph, class_name=type(module).__name__)
+    copied.graph._codegen = fx.graph.CodeGen()
+    copied.recompile()
+    return copied
 
 
 def replace_graph_signature(graph: DenoiserGraph, **changes: Any) -> DenoiserGraph:

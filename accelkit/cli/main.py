@@ -41,6 +41,10 @@ exit codes: 0 success; 1 internal error (please report); 2 bad input (the messag
 """
 
 
+#: What ``ArgumentParser.add_subparsers`` returns: each command's builder adds its parser to it.
+Subcommands = argparse._SubParsersAction
+
+
 def _add_model(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", nargs="?", default=None,
                         help="pipeline folder, hub id or zoo:NAME (default: the embedded zoo:shapes)")
@@ -52,7 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     parser.add_argument("--version", action="version", version=_version())
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    # One builder per command, in the order `accelkit --help` lists them.
+    for add_command in (_add_inspect, _add_optimize, _add_search, _add_report, _add_run, _add_export, _add_distill):
+        add_command(commands)
+    return parser
 
+
+def _add_inspect(commands: Subcommands) -> None:
     inspect = commands.add_parser(
         "inspect", help="show the denoiser's blocks, FLOPs and attention sites",
         description="Capture MODEL's denoiser and print its family, parameter count, block table "
@@ -66,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="frames to capture at, for video pipelines (default: the pipeline's)")
     _add_call_arg(inspect)
 
+
+def _add_optimize(commands: Subcommands) -> None:
     optimize = commands.add_parser(
         "optimize", help="search pass settings to meet speed budgets; write plans and a fidelity report",
         description="Search the passes' settings with Optuna so that each --budget (a speedup over the "
@@ -91,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     optimize.add_argument("--quiet", action="store_true", help="no progress output")
     optimize.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
 
+
+def _add_search(commands: Subcommands) -> None:
     search = commands.add_parser(
         "search", help="run search trials as a worker against a shared study (distributed search)",
         description="Run --trials trials of the budget search against a shared Optuna study and exit "
@@ -118,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--quiet", action="store_true", help="no progress output")
     search.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
 
+
+def _add_report(commands: Subcommands) -> None:
     report = commands.add_parser(
         "report", help="re-render OUT/report/ from OUT/report/report.json, or report a shared study",
         description="Re-render the fidelity report of an optimize run. With --storage: choose the plans "
@@ -140,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--device", default=None, help="with --storage: cpu or cuda (default: the study's)")
     report.add_argument("--quiet", action="store_true", help="no progress output")
 
+
+def _add_run(commands: Subcommands) -> None:
     run = commands.add_parser(
         "run", help="generate images with a plan",
         description="Load MODEL (default: the plan's model), apply OUT's plan and generate.",
@@ -167,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also run the original pipeline once and print the PSNR of the first prompt's images")
     _add_call_arg(run, "on top of the plan's")
 
+
+def _add_export(commands: Subcommands) -> None:
     export = commands.add_parser(
         "export", help="export a plan's graph variants (ONNX, checked with onnxruntime; or TensorRT engines)",
         description="Export every graph variant of OUT's plan to OUT/plans/<budget>/onnx/ (one model per "
@@ -182,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--target", default="onnx", choices=["onnx", "tensorrt"], help="export target")
     export.add_argument("--model", default=None, help="model to load (default: the one the plan names)")
 
+
+def _add_distill(commands: Subcommands) -> None:
     distill = commands.add_parser(
         "distill", help="recover a pruned plan's fidelity by distilling it from the original model",
         description="Train the pruned denoiser of OUT's plan (the student, starting from its remaining weights) "
@@ -218,7 +240,6 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--seed", type=int, default=0, help="seed of the training order (default: 0)")
     distill.add_argument("--quiet", action="store_true", help="no progress output")
     distill.add_argument("--json", action="store_true", help="print the recovery section as JSON on stdout")
-    return parser
 
 
 def _add_search_options(parser: argparse.ArgumentParser, *, worker: bool = False) -> None:
@@ -278,8 +299,7 @@ def _add_call_arg(parser: argparse.ArgumentParser, note: str = "stored in the pl
 
 
 def _settings_from_args(args: argparse.Namespace) -> Any:
-    from accelkit.pipeline_io import parse_call_arguments
-    from accelkit.search.optimize import OptimizeSettings, parse_budget, parse_passes
+    from accelkit.workflows.optimize import OptimizeSettings, parse_budget, parse_call_arguments, parse_passes
 
     budgets = tuple(args.budget or ["2x"])
     for budget in budgets:
@@ -296,9 +316,9 @@ def _settings_from_args(args: argparse.Namespace) -> Any:
 
 
 def _version() -> str:
-    import accelkit
+    from accelkit.workflows import __version__
 
-    return f"accelkit {accelkit.__version__}"
+    return f"accelkit {__version__}"
 
 
 def _console(quiet: bool = False) -> Any:
@@ -310,71 +330,41 @@ def _console(quiet: bool = False) -> Any:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from rich.table import Table
 
-    from accelkit.capture.cost import concrete_size
-    from accelkit.loading import load_pipeline
-    from accelkit.pipeline_io import parse_call_arguments, probe_and_capture
-    from accelkit.search.optimize import OptimizeSettings, _generation_defaults
+    from accelkit.workflows.inspect import inspect_model
 
-    call_args = parse_call_arguments(args.call_arg)
-    loaded = load_pipeline(args.model)
-    generation = _generation_defaults(loaded.pipe, OptimizeSettings(model=args.model, height=args.height,
-                                                                    width=args.width, call_args=call_args,
-                                                                    num_frames=args.num_frames),
-                                      loaded.source)
-    _, graph = probe_and_capture(loaded.pipe, generation)
-    total = graph.total_flops() or 1.0
-    rows = []
-    for block in graph.blocks:
-        flops = sum(graph.costs[n].flops for n in block.nodes if n in graph.costs)
-        weight_bytes = sum(p.numel() * p.element_size() for name, p in loaded.denoiser.named_parameters()
-                           if name.startswith(block.name + "."))
-        rows.append({"name": block.name, "kind": block.kind, "flops": flops, "flops_share": flops / total,
-                     "weight_bytes": weight_bytes})
-    params = sum(p.numel() for p in loaded.denoiser.parameters())
-    tokens = {}
-    for name in graph.attention_sites:
-        node = next(n for n in graph.module.graph.nodes if n.name == name)
-        value = node.args[0].meta.get("val")
-        tokens[name] = concrete_size(value.shape[-2]) if value is not None else None
-    info = {
-        "model": loaded.model_id, "family": graph.family, "params": params,
-        "inputs": {n: s.to_dict() for n, s in zip(graph.input_names, graph.input_specs, strict=True)},
-        "flops_per_step": total, "blocks": rows, "attention_sites": tokens, "linear_sites": len(graph.linear_sites),
-        "generation": generation,
-    }
+    found = inspect_model(args.model, height=args.height, width=args.width, num_frames=args.num_frames,
+                          call_args=args.call_arg)
     if args.json:
-        print(json.dumps(info, indent=2))
+        print(json.dumps(found.to_dict(), indent=2))
         return 0
     console = _console()
-    console.print(f"[bold]{loaded.model_id}[/]: {graph.family}, {params / 1e6:.2f} M parameters, "
-                  f"{total / 1e9:.3f} GFLOP per denoiser call at {generation['height']}x{generation['width']}")
+    generation = found.generation
+    console.print(f"[bold]{found.model}[/]: {found.family}, {found.params / 1e6:.2f} M parameters, "
+                  f"{found.flops_per_step / 1e9:.3f} GFLOP per denoiser call at "
+                  f"{generation['height']}x{generation['width']}")
     table = Table(title="blocks")
     for column in ("#", "block", "kind", "FLOPs share", "weights"):
         table.add_column(column, justify="right" if column in ("#", "FLOPs share", "weights") else "left")
-    for index, row in enumerate(rows):
-        table.add_row(str(index), row["name"], row["kind"], f"{100 * row['flops_share']:.1f}%",
-                      f"{row['weight_bytes'] / 1e6:.2f} MB")
+    for index, block in enumerate(found.blocks):
+        table.add_row(str(index), block.name, block.kind, f"{100 * block.flops_share:.1f}%",
+                      f"{block.weight_bytes / 1e6:.2f} MB")
     console.print(table)
-    sites = Table(title=f"attention sites ({len(tokens)}); {len(graph.linear_sites)} linear layers")
+    sites = Table(title=f"attention sites ({len(found.attention_sites)}); {found.linear_sites} linear layers")
     sites.add_column("node")
     sites.add_column("tokens", justify="right")
-    for name, count in tokens.items():
+    for name, count in found.attention_sites.items():
         sites.add_row(name, str(count))
     console.print(sites)
     return 0
 
 
 def cmd_optimize(args: argparse.Namespace) -> int:
-    from accelkit.search.optimize import optimize
+    from accelkit.workflows.optimize import optimize
 
     settings = _settings_from_args(args)
-    if args.export == "tensorrt":
-        from accelkit.export.tensorrt import require_tensorrt
-
-        # Before the search: a machine without TensorRT should not learn it after an hour of trials.
-        require_tensorrt()
     console = _console(quiet=args.quiet or args.json)
-    result = optimize(settings, console=console, progress=not (args.quiet or args.json))
+    run = optimize(settings, export=args.export, console=console, progress=not (args.quiet or args.json))
+    result = run.result
     summary = {
         "out": str(result.out), "study": result.study_name, "exit_code": result.exit_code,
         "report": str(result.report_path) if result.report_path else None,
@@ -382,16 +372,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
                      "plan": str(o.plan_dir) if o.plan_dir else None, "message": o.message}
                     for o in result.outcomes],
     }
-    if args.export:
-        from accelkit.loading import load_pipeline
-        from accelkit.runtime.plan import export_plan
-
-        pipe = load_pipeline(args.model, device=args.device).pipe
-        for outcome in result.outcomes:
-            if outcome.plan_dir is not None:
-                directory = export_plan(result.out, pipe, outcome.budget, target=args.export)
-                summary.setdefault("exports", {})[outcome.budget] = str(directory)
-                console.print(f"exported {outcome.budget}: {directory}")
+    if run.exports:
+        summary["exports"] = {budget: str(directory) for budget, directory in run.exports.items()}
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
@@ -403,12 +385,11 @@ def cmd_optimize(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from accelkit.search.worker import run_worker
+    from accelkit.errors import InputError
+    from accelkit.workflows.optimize import run_worker
 
     settings = _settings_from_args(args)
     if settings.trials < 0:
-        from accelkit.errors import InputError
-
         raise InputError(f"--trials must be at least 0, got {settings.trials}")
     console = _console(quiet=args.quiet or args.json)
     result = run_worker(settings, console=console, progress=not (args.quiet or args.json))
@@ -424,6 +405,8 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from accelkit.workflows.optimize import render_report, report_study
+
     if args.storage is None:
         from accelkit.errors import InputError
 
@@ -431,19 +414,11 @@ def cmd_report(args: argparse.Namespace) -> int:
                  if getattr(args, n) is not None]
         if stray:
             raise InputError(f"{', '.join(stray)} need --storage (they choose what to report from a shared study)")
-        from accelkit.report.render import render_from_json
-
-        path = render_from_json(args.out)
-        print(path)
+        print(render_report(args.out))
         return 0
-    from accelkit.search.optimize import parse_budget
-    from accelkit.search.worker import report_from_study
-
-    for budget in args.budget or []:
-        parse_budget(budget)
     console = _console(quiet=args.quiet)
-    result = report_from_study(args.out, args.storage, args.study, model=args.model, budgets=args.budget,
-                               min_psnr=args.min_psnr, device=args.device, console=console)
+    result = report_study(args.out, args.storage, args.study, model=args.model, budgets=args.budget,
+                          min_psnr=args.min_psnr, device=args.device, console=console)
     failed = [o for o in result.outcomes if not o.met]
     if failed:
         console.print("[red]not met:[/] " + "; ".join(o.message for o in failed))
@@ -452,122 +427,43 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from pathlib import Path
+    from accelkit.workflows.run import run_plan
 
-    import torch
-
-    from accelkit.errors import InputError
-    from accelkit.loading import load_pipeline
-    from accelkit.pipeline_io import outputs_per_prompt, parse_call_arguments, pipeline_call_arguments
-    from accelkit.runtime.plan import load, load_onnx, load_tensorrt, read_plan
-
-    if args.backend == "tensorrt":
-        from accelkit.export.tensorrt import require_tensorrt
-
-        require_tensorrt()
-    call_args = parse_call_arguments(args.call_arg)
-    plan = read_plan(args.out, args.budget)
-    output = Path(args.output)
-    video = "num_frames" in plan.data["generation"]
-    if output.suffix.lower() not in ((".png", ".gif") if video else (".png",)):
-        raise InputError(f"--output '{output}' must end in .png" + (" or .gif" if video else ""))
-    model = args.model or plan.data["model"]["id"]
-    loaded = load_pipeline(model, device=args.device)
-    call_args = pipeline_call_arguments(loaded.pipe, plan.data["generation"], call_args) if call_args else {}
-    if args.backend == "onnxruntime":
-        accelerated = load_onnx(args.out, loaded.pipe, plan.budget)
-    elif args.backend == "tensorrt":
-        accelerated = load_tensorrt(args.out, loaded.pipe, plan.budget)
-    else:
-        accelerated = load(args.out, loaded.pipe, plan.budget)
-    accelerated.strict_steps = args.strict_steps
-    if args.num_images < 1 or (args.steps is not None and args.steps < 1):
-        raise InputError("--num-images and --steps must be at least 1")
-    if args.num_frames is not None:
-        call_args["num_frames"] = args.num_frames
-    call = {"num_inference_steps": args.steps, **outputs_per_prompt(loaded.pipe, args.num_images), **call_args}
-    if args.check:
-        value = accelerated.check(args.prompt[0], seed=args.seed, **call)
-        print(f"check: PSNR {value:.2f} dB against the original pipeline")
-    written = []
-    count = len(args.prompt) * args.num_images
-    for index, prompt in enumerate(args.prompt):
-        result = accelerated(prompt=prompt, generator=torch.Generator("cpu").manual_seed(args.seed + index),
-                             output_type="np", **call)
-        for number, frames in enumerate(_output_media(result)):
-            position = index * args.num_images + number
-            target = output if count == 1 else output.with_name(f"{output.stem}-{position}{output.suffix}")
-            _save_frames(frames, target)
-            written.append(str(target))
-    print("\n".join(written))
+    result = run_plan(args.out, args.budget, prompts=args.prompt, output=args.output, model=args.model,
+                      device=args.device, backend=args.backend, steps=args.steps, strict_steps=args.strict_steps,
+                      num_images=args.num_images, num_frames=args.num_frames, seed=args.seed, check=args.check,
+                      call_args=args.call_arg)
+    if result.check_psnr is not None:
+        print(f"check: PSNR {result.check_psnr:.2f} dB against the original pipeline")
+    print("\n".join(str(path) for path in result.written))
     return 0
 
 
-def _output_media(result: Any) -> list[list[Any]]:
-    """Each output of a pipeline call as uint8 (H, W, C) frames: one frame per image, a video's frames."""
-    import numpy as np
-
-    batch = result.frames if hasattr(result, "frames") else result.images
-    media = []
-    for item in batch:
-        array = np.asarray(item, dtype=np.float32)
-        frames = list(array) if array.ndim == 4 else [array]
-        media.append([(np.clip(f, 0, 1) * 255).round().astype(np.uint8) for f in frames])
-    return media
-
-
-def _save_frames(frames: list[Any], target: Any) -> None:
-    """Write frames atomically: ``.gif`` as an animation, ``.png`` side by side (one frame: the image)."""
-    import numpy as np
-    from PIL import Image
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
-    if target.suffix.lower() == ".gif":
-        images = [Image.fromarray(f) for f in frames]
-        images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=125, loop=0)
-    else:
-        Image.fromarray(np.concatenate(frames, axis=1)).save(tmp, format="PNG")
-    tmp.replace(target)
-
-
 def cmd_export(args: argparse.Namespace) -> int:
-    from accelkit.loading import load_pipeline
-    from accelkit.runtime.plan import export_plan, read_plan
+    from accelkit.workflows.export import export
 
-    if args.target == "tensorrt":
-        from accelkit.export.tensorrt import require_tensorrt
-
-        # Before reading the plan and loading the model: say at once that TensorRT is missing.
-        require_tensorrt()
-    plan = read_plan(args.out, args.budget)
-    loaded = load_pipeline(args.model or plan.data["model"]["id"])
-    print(export_plan(args.out, loaded.pipe, plan.budget, target=args.target))
+    print(export(args.out, args.budget, target=args.target, model=args.model))
     return 0
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from accelkit._io import read_prompt_file
-    from accelkit.calibrate.distill import DistillConfig, recover_plan, removable_blocks
     from accelkit.errors import InputError
-    from accelkit.runtime.plan import read_plan
+    from accelkit.workflows.recover import DistillConfig, check_recoverable, distill_plan
 
     for flag in ("num_prompts", "num_eval_prompts"):
         if getattr(args, flag) < 1:
             raise InputError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     config = DistillConfig(iterations=args.iterations, lr=args.lr, batch_size=args.batch_size,
                            feature_weight=args.feature_weight, seed=args.seed)
-    prompts = read_prompt_file(args.prompts)[: args.num_prompts] if args.prompts else None
-    eval_prompts = read_prompt_file(args.eval_prompts)[: args.num_eval_prompts] if args.eval_prompts else None
     quiet = args.quiet or args.json
     console = _console(quiet=quiet)
     bar = Progress(TextColumn("distill"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                    TextColumn("{task.fields[losses]}"), TimeElapsedColumn(), console=console, disable=quiet)
     task = bar.add_task("steps", total=config.iterations, losses="")
     # A plan that cannot be distilled fails here, before the model loads and any bar is drawn.
-    removable_blocks(read_plan(args.out, args.budget))
+    check_recoverable(args.out, args.budget)
 
     def progress(step: int, total: int, losses: dict[str, float]) -> None:
         if not bar.live.is_started:
@@ -578,9 +474,10 @@ def cmd_distill(args: argparse.Namespace) -> int:
             bar.stop()
 
     try:
-        result = recover_plan(args.out, args.budget, config, model=args.model, device=args.device,
-                              prompts=prompts, eval_prompts=eval_prompts, num_prompts=args.num_prompts,
-                              num_eval_prompts=args.num_eval_prompts, progress=progress, say=console.print)
+        result = distill_plan(args.out, args.budget, config, model=args.model, device=args.device,
+                              prompts_file=args.prompts, eval_prompts_file=args.eval_prompts,
+                              num_prompts=args.num_prompts, num_eval_prompts=args.num_eval_prompts,
+                              progress=progress, say=console.print)
     except KeyboardInterrupt:
         print("accelkit: interrupted; the plan is unchanged", file=sys.stderr)
         return 130

@@ -45,6 +45,7 @@ from torch import fx
 
 from accelkit._io import atomic_directory, atomic_write_json
 from accelkit.capture.graph import clone_graph_module
+from accelkit.export.complex_pairs import complex_as_real_pairs
 from accelkit.export.lowerings import (
     LoweringError,
     OnnxExportError,
@@ -53,6 +54,7 @@ from accelkit.export.lowerings import (
     register_onnx_lowering,
     translation_table,
 )
+from accelkit.export.onnx_optimizer import optimize_model
 from accelkit.kernels.registry import load_builtin_ops, op_call
 from accelkit.passes.base import GraphVariant, Program
 
@@ -330,12 +332,8 @@ def _find_cause(
 
 
 def _optimize(model: Any) -> None:
-    """onnxscript's optimizer as ``torch.onnx.export(optimize=True)`` runs it, keeping local functions."""
-    import onnxscript.optimizer
-    import onnxscript.rewriter.onnx_fusions
-
-    onnxscript.optimizer.optimize_ir(model, inline=False)
-    onnxscript.rewriter.onnx_fusions.fuse(model)
+    """onnxscript's optimizer, keeping local functions and epsilons (accelkit/export/onnx_optimizer.py)."""
+    optimize_model(model)
 
 
 @contextlib.contextmanager
@@ -565,7 +563,7 @@ def _variant_call(
         )
     input_names, output_names = _onnx_names(graph, variant, name)
     first = args[0] if graph.input_names else None
-    module = _prepare_module(variant.module)
+    module = complex_as_real_pairs(_prepare_module(variant.module))
     return _VariantCall(
         name=name,
         module=module,
@@ -748,18 +746,21 @@ def _export_variant(
         "optimized": bool(optimize),
         **stats,
         "external_data": bool(call.external),
-        "verification": {
-            "provider": "CPUExecutionProvider",
-            "relative_error": errors,
-            "max_relative_error": max(errors.values(), default=0.0),
-            "tolerance": max((_tolerance(r, call.eight_bit) for r in call.reference), default=0.0),
-            "checked_batches": sorted({call.batch, 1, call.batch + 1}) if dynamic else [call.batch],
-        }
-        if verify
-        else None,
+        "verification": _verification_entry(call, errors, dynamic) if verify else None,
         "export_seconds": round(export_seconds, 3),
     }
     return entry
+
+
+def _verification_entry(call: _VariantCall, errors: dict[str, float], dynamic: bool) -> dict[str, Any]:
+    """How onnxruntime's outputs compared with PyTorch's, for the manifest."""
+    return {
+        "provider": "CPUExecutionProvider",
+        "relative_error": errors,
+        "max_relative_error": max(errors.values(), default=0.0),
+        "tolerance": max((_tolerance(r, call.eight_bit) for r in call.reference), default=0.0),
+        "checked_batches": sorted({call.batch, 1, call.batch + 1}) if dynamic else [call.batch],
+    }
 
 
 def _sha256(path: Path) -> str:
@@ -850,31 +851,10 @@ def export_program_onnx(
     """
     program.validate()
     directory = Path(directory)
-    user_inputs = dict(inputs) if inputs is not None else example_inputs(program)
-    # Example tensors go where the weights are (a program captured on GPU is exported from GPU).
-    device = next(iter(program.graph.module.parameters()), torch.empty(0)).device
-    user_inputs = {k: v.to(device) for k, v in user_inputs.items()}
-    missing = [n for n in program.graph.input_names if n not in user_inputs]
-    if missing:
-        raise OnnxExportError(f"example inputs lack {missing}")
+    user_inputs, device = _inputs_on_device(program, inputs)
     order = _variant_order(program)
-    selected = order if variants is None else [n for n in order if n in variants]
-    unknown = sorted(set(variants or ()) - set(program.variants))
-    if unknown:
-        raise OnnxExportError(f"program has no variant(s) {unknown}; it has {sorted(program.variants)}")
-    # Refuse unknown custom ops up front, before any (slow) tracing.
-    load_builtin_ops()
-    for name in selected:
-        translation_table(program.variants[name].module)
-
-    # Scalars are fed non-zero so the Taylor term is exercised by the verification.
-    scalars = {}
-    for variant in program.variants.values():
-        for scalar in variant.scalar_inputs:
-            values = [abs(v) for v in program.step_scalars.get(scalar, ())]
-            scalars[scalar] = torch.tensor(
-                max(values, default=0.0) or 0.5, dtype=torch.float32, device=device
-            )
+    selected = _selected_variants(program, order, variants)
+    scalars = _verification_scalars(program, device)
 
     states: dict[str, torch.Tensor] = {}
     files: list[dict[str, Any]] = []
@@ -896,20 +876,65 @@ def export_program_onnx(
             models.append(entry)
         for path in sorted(p for p in tmp.iterdir() if p.is_file()):
             files.append({"path": path.name, "bytes": path.stat().st_size, "sha256": _sha256(path)})
-        manifest = {
-            "schema": MANIFEST_SCHEMA,
-            "format": "onnx",
-            "exporter": "torch.onnx.export(dynamo=True)",
-            "versions": _versions(),
-            "opset": opset,
-            "dynamic_batch_requested": dynamic_batch,
-            "dynamic_batch": bool(models) and all(m["dynamic_batch"] for m in models),
-            "program": _program_meta(program),
-            "models": models,
-            "files": files,
-        }
+        manifest = _manifest(program, models, files, opset=opset, dynamic_batch=dynamic_batch)
         atomic_write_json(tmp / MANIFEST_NAME, manifest)
     return manifest
+
+
+def _inputs_on_device(
+    program: Program, inputs: Mapping[str, torch.Tensor] | None
+) -> tuple[dict[str, torch.Tensor], torch.device]:
+    """The example user inputs (given or random), on the device of the program's weights."""
+    user_inputs = dict(inputs) if inputs is not None else example_inputs(program)
+    # Example tensors go where the weights are (a program captured on GPU is exported from GPU).
+    device = next(iter(program.graph.module.parameters()), torch.empty(0)).device
+    user_inputs = {k: v.to(device) for k, v in user_inputs.items()}
+    missing = [n for n in program.graph.input_names if n not in user_inputs]
+    if missing:
+        raise OnnxExportError(f"example inputs lack {missing}")
+    return user_inputs, device
+
+
+def _selected_variants(program: Program, order: list[str], variants: tuple[str, ...] | None) -> list[str]:
+    """The variants to export, in ``order``; unknown names and custom ops without a lowering are refused."""
+    selected = order if variants is None else [n for n in order if n in variants]
+    unknown = sorted(set(variants or ()) - set(program.variants))
+    if unknown:
+        raise OnnxExportError(f"program has no variant(s) {unknown}; it has {sorted(program.variants)}")
+    # Refuse unknown custom ops up front, before any (slow) tracing.
+    load_builtin_ops()
+    for name in selected:
+        translation_table(program.variants[name].module)
+    return selected
+
+
+def _verification_scalars(program: Program, device: torch.device) -> dict[str, torch.Tensor]:
+    """A value per scalar input of the variants: fed non-zero so the Taylor term is exercised by the verification."""
+    scalars = {}
+    for variant in program.variants.values():
+        for scalar in variant.scalar_inputs:
+            values = [abs(v) for v in program.step_scalars.get(scalar, ())]
+            scalars[scalar] = torch.tensor(
+                max(values, default=0.0) or 0.5, dtype=torch.float32, device=device
+            )
+    return scalars
+
+
+def _manifest(
+    program: Program, models: list[dict[str, Any]], files: list[dict[str, Any]], *, opset: int, dynamic_batch: bool
+) -> dict[str, Any]:
+    return {
+        "schema": MANIFEST_SCHEMA,
+        "format": "onnx",
+        "exporter": "torch.onnx.export(dynamo=True)",
+        "versions": _versions(),
+        "opset": opset,
+        "dynamic_batch_requested": dynamic_batch,
+        "dynamic_batch": bool(models) and all(m["dynamic_batch"] for m in models),
+        "program": _program_meta(program),
+        "models": models,
+        "files": files,
+    }
 
 
 def _store_state(states: dict[str, torch.Tensor], state: str, value: torch.Tensor) -> None:

@@ -17,9 +17,10 @@ FLOPs is then an exact 0/1 knapsack (:func:`select_min_loss`). ``"last"`` and ``
 baseline criteria that remove candidates from the end / in a seeded random order until the FLOPs
 target is reached.
 
-Recovery: ``accelkit distill`` (:mod:`accelkit.calibrate.distill`) trains the pruned graph's weights
-and stores them in ``Program.new_weights`` under ``prune.<weight name>``; the pass, replaying a plan,
-gives the pruned graph those tensors (:func:`replace_weights`) instead of the original ones.
+Recovery: ``accelkit distill`` (:mod:`accelkit.workflows.recover`, training in :mod:`accelkit.calibrate.distill`)
+trains the pruned graph's weights and stores them in ``Program.new_weights`` under ``prune.<weight name>``;
+the pass, replaying a plan, gives the pruned graph those tensors (:func:`~accelkit.capture.graph.replace_weights`)
+instead of the original ones.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ import torch
 from torch import fx
 
 from accelkit.capture.blocks import BlockIndex, find_blocks
-from accelkit.capture.cost import get_attr_value, graph_costs
-from accelkit.capture.graph import clone_graph_module, eliminate_dead_nodes
+from accelkit.capture.cost import graph_costs
+from accelkit.capture.graph import clone_graph_module, eliminate_dead_nodes, replace_weights
 from accelkit.capture.streams import BlockPairing, pair_block_outputs, removal_candidates
 from accelkit.errors import InputError
 from accelkit.passes.base import (
@@ -200,36 +201,6 @@ def _block_path(node: fx.Node) -> str | None:
 def recovered_weight_key(target: str) -> str:
     """Key in ``Program.new_weights`` of a recovered (distilled) weight: ``prune.<get_attr target>``."""
     return RECOVERED_WEIGHT_PREFIX + target
-
-
-def replace_weights(module: fx.GraphModule, tensors: dict[str, torch.Tensor]) -> fx.GraphModule:
-    """A copy of ``module`` whose weights named in ``tensors`` (by get_attr target) are those tensors.
-
-    The other weights stay shared with ``module``; ``module`` itself is not touched.
-
-    Raises:
-        InputError: a tensor names a weight the graph does not read, or differs in shape or dtype.
-    """
-    import copy
-
-    targets = {str(n.target) for n in module.graph.nodes if n.op == "get_attr"}
-    unknown = sorted(set(tensors) - targets)
-    if unknown:
-        raise InputError(f"recovered weights name {unknown[:3]}, which the pruned graph does not read: the plan's "
-                         "weights belong to another pruning; rerun `accelkit distill` on this plan")
-    root: dict[str, Any] = {}
-    for target in targets:
-        current = get_attr_value(module, target)
-        replacement = tensors.get(target)
-        if replacement is not None and (replacement.shape != current.shape or replacement.dtype != current.dtype):
-            raise InputError(f"recovered weight '{target}' is {list(replacement.shape)} {replacement.dtype}, the graph "
-                             f"reads {list(current.shape)} {current.dtype}: rerun `accelkit distill` on this plan")
-        root[target] = current if replacement is None else replacement.to(current.device)
-    graph = copy.deepcopy(module.graph)
-    copied = fx.GraphModule(root, graph, class_name=type(module).__name__)
-    copied.graph._codegen = fx.graph.CodeGen()
-    copied.recompile()
-    return copied
 
 
 def block_flops(module: fx.GraphModule, blocks: BlockIndex | None = None) -> dict[str, float]:

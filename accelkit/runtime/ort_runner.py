@@ -397,7 +397,7 @@ class OrtProgramRunner(ScheduleReplayRunner):
         if self._export_root is None:
             self._export_root = tempfile.TemporaryDirectory(prefix="accelkit-onnx-")
         folder = Path(self._export_root.name) / str(len(self._extra_exports))
-        inputs = {name: kwargs[name] for name in program.graph.input_names}
+        inputs = dict(zip(program.graph.input_names, program.graph.flat_inputs(kwargs), strict=True))
         manifest = export_program_onnx(program, folder, inputs=inputs)
         variants = {}
         for entry in manifest["models"]:

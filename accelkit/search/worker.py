@@ -23,14 +23,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from accelkit.errors import InputError
-from accelkit.search.optimize import (
-    OptimizeResult,
-    OptimizeSettings,
-    finish,
-    open_storage,
-    prepare_search,
-    stored_settings,
-)
+from accelkit.search.finish import finish
+from accelkit.search.settings import OptimizeResult, OptimizeSettings
+from accelkit.search.study import open_storage, prepare_search, stored_settings
 
 
 @dataclass

@@ -175,10 +175,6 @@ LAYERS: tuple[tuple[str, ...], ...] = (
 KNOWN_VIOLATIONS: dict[tuple[str, str], str] = {
     ("accelkit/calibrate/__init__.py", "passes"): "passes get a CalibrationSource protocol (#15 item 4)",
     ("accelkit/calibrate/__init__.py", "runtime"): "generation through a CalibrationSource (#15 item 4)",
-    ("accelkit/calibrate/distill.py", "passes"): "recover/distill is orchestration: workflows/ (#15 item 5)",
-    ("accelkit/calibrate/distill.py", "runtime"): "recover/distill is orchestration: workflows/ (#15 item 5)",
-    ("accelkit/calibrate/distill.py", "report"): "recover/distill is orchestration: workflows/ (#15 item 5)",
-    ("accelkit/calibrate/distill.py", "search"): "recover/distill is orchestration: workflows/ (#15 item 5)",
 }
 
 
@@ -258,6 +254,29 @@ def test_known_violations_still_exist():
     edges = import_edges()
     fixed = [f"{module} -> {package}" for module, package in KNOWN_VIOLATIONS if (module, package) not in edges]
     assert not fixed, "these are fixed: remove them from KNOWN_VIOLATIONS:\n" + "\n".join(fixed)
+
+
+#: What the command line may import: it parses, validates, calls a workflow and prints (issue #15 item 5).
+CLI_MAY_IMPORT = ("accelkit.workflows", "accelkit.errors", "accelkit._signals", "accelkit.cli")
+
+
+def _outside(imported: Iterable[str], allowed: Iterable[str]) -> list[str]:
+    """The module names in ``imported`` that are none of ``allowed`` nor inside one of them."""
+    allowed = tuple(allowed)
+    return sorted(m for m in imported if not any(m == a or m.startswith(a + ".") for a in allowed))
+
+
+def test_outside_tells_a_package_from_a_prefix():
+    assert _outside(["accelkit.errors.InputError", "accelkit.cli.validate"], CLI_MAY_IMPORT) == []
+    assert _outside(["accelkit.errors_extra", "accelkit.search.optimize"], CLI_MAY_IMPORT) == [
+        "accelkit.errors_extra", "accelkit.search.optimize"]
+
+
+def test_the_cli_calls_only_workflows():
+    """cli/main.py reaches the libraries through accelkit.workflows alone, lazy imports included."""
+    outside = _outside(_imported_modules(PACKAGE / "cli" / "main.py"), CLI_MAY_IMPORT)
+    assert not outside, ("accelkit/cli/main.py imports these directly; call a workflow (accelkit/workflows/) "
+                         "instead:\n" + "\n".join(outside))
 
 
 def _cycle(graph: dict[str, set[str]]) -> list[str] | None:

@@ -39,12 +39,8 @@ UNSUPPORTED = {"lumina2": "unhashable type: non-nested SymInt"}
 # Families whose text tokens are as long as the prompt: the calibration, evaluation and ``run`` prompts
 # differ in token count, so these run on programs the runtime derives per new input shapes.
 PROMPT_LENGTH_TOKENS = {"zimage", "qwenimage"}
-# Known failures of one command, reason as measured.
-# (family, command) -> words of the one-line error, as measured. Both keep their rotary table as complex
-# numbers (torch.polar / a complex buffer), and torch.onnx has no lowering for ops on complex tensors.
-KNOWN_FAILURES = {("qwenimage", "export onnx"): "complex-valued input", ("zimage", "export onnx"): "complex-valued input",
-                  # intermittent (passed once, NaN on a later plan); the op is not found yet
-                  ("sana", "export onnx"): "nan > "}
+# Known failures of one command: (family, command) -> words of the one-line error, as measured.
+KNOWN_FAILURES: dict[tuple[str, str], str] = {}
 RESULTS: dict[str, dict[str, str]] = {}
 # Every family by default; ``ACCELKIT_FAMILY_SWEEP=a,b`` narrows it (``all``: every family, as by default).
 _ONLY = os.environ.get("ACCELKIT_FAMILY_SWEEP")
@@ -214,7 +210,7 @@ def _cache_trials_only():
     spends its first half of the steps within 2.5% of the noise (sigmas 1, 0.9875, 0.975, 0.725 at 4
     steps), so 3 of 4 steps score 62.6 dB where the best 1.1x cache trial scores 54.9 dB.
     """
-    from accelkit.search import optimize as search_module
+    from accelkit.search import finish as search_module
 
     choose = search_module._choose
     with pytest.MonkeyPatch.context() as patch:

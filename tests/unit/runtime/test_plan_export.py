@@ -24,7 +24,7 @@ def cache_plan(tmp_path_factory):
     # This fixture needs a cache plan, not a selection test: on 8 validation prompts the cache trial's gain
     # over 5 of 6 steps is within the noise, so take any positive mean gain (the selection rule before the
     # significance test).
-    from accelkit.search import optimize as module
+    from accelkit.search import finish as module
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(module, "SIGNIFICANCE_STANDARD_ERRORS", 0.0)
