@@ -6,7 +6,7 @@ the default suite and CI): per family, image and video, ``inspect``, ``optimize 
 --budget 2x`` (met, report written), ``optimize --passes prune``, and ``export`` + ``run --backend
 onnxruntime`` of a cache plan; the results are the support matrix (docs/support-matrix.md) that the README
 includes between its markers (``ACCELKIT_UPDATE_MATRIX=1`` rewrites both). The slow tier sweeps every
-family by default (17-51 s of CPU each, about 9 min for all 21 on one core); ``ACCELKIT_FAMILY_SWEEP=a,b``
+family by default (16-70 s of CPU each, 9.5 min for all 21 on an idle machine); ``ACCELKIT_FAMILY_SWEEP=a,b``
 runs only the named families.
 """
 
