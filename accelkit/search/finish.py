@@ -316,6 +316,9 @@ class _FewerSteps:
     speedup: float
     psnr: float
     point: Any  # ReferencePoint
+    #: the program and its metrics on the evaluation prompts (reused when it is the chosen plan)
+    program: Program
+    metrics: dict[str, Any]
 
 
 def _fewer_steps(context: _Finishing, target: float) -> _FewerSteps:
@@ -333,7 +336,7 @@ def _fewer_steps(context: _Finishing, target: float) -> _FewerSteps:
                      + ("" if reachable else " (fewer steps alone cannot reach this budget)")),
         images=images)
     return _FewerSteps(reachable=reachable, steps=steps, resolved=resolved, speedup=speedup, psnr=metrics["psnr"],
-                       point=point)
+                       point=point, program=program, metrics=metrics)
 
 
 @dataclass
@@ -375,9 +378,12 @@ def _chosen(context: _Finishing, name: str, target: float, choice: _Choice, fewe
 
     settings, evaluator, prompts = context.settings, context.evaluator, context.session.evaluation_prompts
     resolved = choice.resolved
-    program = _program_from_resolved(evaluator, resolved)
+    if choice.is_fewer_steps:  # measured above: same program, prompts and seeds (no second generation)
+        program, metrics, images = fewer.program, fewer.metrics, fewer.point.images
+    else:
+        program = _program_from_resolved(evaluator, resolved)
+        metrics, images = context.evaluate(program)
     speedup, cost = evaluator.speedup(program)
-    metrics, images = context.evaluate(program)
     ablations = _ablations(evaluator, program, resolved, prompts, context.baseline_images, EVALUATION_SEED_OFFSET)
     references = {"fewer_steps": fewer.point, **_ablation_references(program, ablations)}
     floor_ok = settings.min_psnr is None or metrics["psnr"] >= settings.min_psnr
