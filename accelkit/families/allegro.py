@@ -1,4 +1,5 @@
-"""Allegro: latents (B, C, F, H, W), rotary tables passed as nested tuples, batched CFG, timestep as is.
+"""Allegro: latents (B, C, F, H, W), rotary tables passed as nested tuples, batched CFG, timestep as is;
+its embedders and output layers are the generic 16-bit ones (PixArt-style names).
 
 Its VAE decodes only tiled (``enable_tiling``; a flag a saved folder does not keep): it is turned on at load.
 """
@@ -19,7 +20,6 @@ TRAITS = FamilyTraits(
     pipeline_classes=("AllegroPipeline",),
     denoiser_classes=("AllegroTransformer3DModel",),
     timestep_scale=1.0,
-    keep_16bit=("pos_embed", "adaln_single", "caption_projection", "proj_out", "norm_out"),
     media="video",
     prepare=decode_tiled,
 )
