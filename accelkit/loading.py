@@ -15,7 +15,11 @@ from typing import Any
 import torch
 
 from accelkit.errors import InputError
-from accelkit.pipeline_io import find_denoiser, record_denoiser_calls  # record_*: re-exported, moved
+from accelkit.pipeline_io import (  # record_*: re-exported, moved
+    family_of,
+    find_denoiser,
+    record_denoiser_calls,
+)
 
 __all__ = ["DEFAULT_MODEL", "LoadedModel", "load_pipeline", "record_denoiser_calls", "weights_fingerprint"]
 
@@ -122,6 +126,7 @@ def load_pipeline(model: str | None = None, *, device: str = "cpu", dtype: torch
         else:
             raise InputError(f"no such path '{model_id}': pass an existing pipeline folder, a hub id or zoo:shapes")
     denoiser_name, _ = find_denoiser(pipe)
+    family_of(pipe).prepare(pipe)
     pipe = pipe.to(device)
     getattr(pipe, denoiser_name).eval()
     if hasattr(pipe, "set_progress_bar_config"):

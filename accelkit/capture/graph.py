@@ -25,6 +25,7 @@ from torch.utils import _pytree as pytree
 
 from accelkit.capture.blocks import BlockIndex, find_attention_sites, find_blocks, find_linear_sites
 from accelkit.capture.cost import NodeCost, get_attr_value, graph_costs
+from accelkit.capture.specialize import input_values, python_reads_from_eager_call
 from accelkit.errors import CaptureError, InputError
 from accelkit.families import traits_for
 
@@ -67,6 +68,8 @@ class DenoiserGraph:
         costs: FLOPs and bytes per node name.
         nested_structure: per keyword argument that holds tensors inside a container, the container
             with each tensor replaced by :data:`TENSOR_SLOT` (part of the signature).
+        input_values: the values of the inputs the capture was specialized to (the family's
+            ``value_inputs``, see :mod:`accelkit.capture.specialize`), part of the signature.
     """
 
     module: fx.GraphModule
@@ -80,6 +83,7 @@ class DenoiserGraph:
     linear_sites: tuple[str, ...]
     costs: dict[str, NodeCost] = field(repr=False)
     nested_structure: dict[str, Any] = field(default_factory=dict)
+    input_values: dict[str, tuple] = field(default_factory=dict)
 
     @property
     def num_user_outputs(self) -> int:
@@ -91,7 +95,11 @@ class DenoiserGraph:
     def signature(self) -> tuple:
         """Hashable shape signature: one capture serves exactly one signature."""
         return shape_signature_from_specs(self.input_names, self.input_specs, self.static_kwargs,
-                                          self.nested_structure)
+                                          self.nested_structure, self.input_values)
+
+    def call_signature(self, kwargs: Mapping[str, Any]) -> tuple:
+        """The signature of a denoiser call, comparable with :meth:`signature` (same specialized values)."""
+        return shape_signature(kwargs, tuple(self.input_values))
 
     def flat_inputs(self, kwargs: Mapping[str, Any]) -> list[torch.Tensor]:
         """Pick the graph's tensor inputs (nested ones included) out of a denoiser call's keyword arguments."""
@@ -162,23 +170,27 @@ def _static_key(value: Any) -> Any:
     return value
 
 
-def shape_signature(kwargs: Mapping[str, Any]) -> tuple:
-    """Hashable signature of a denoiser call: tensor shapes/dtypes (nested ones too) and the rest's values."""
+def shape_signature(kwargs: Mapping[str, Any], value_inputs: tuple[str, ...] = ()) -> tuple:
+    """Hashable signature of a denoiser call: tensor shapes/dtypes (nested ones too) and the rest's values.
+
+    ``value_inputs``: tensor inputs whose values count too (a capture specialized to them).
+    """
     tensors, statics, nested = split_call(kwargs)
     names = tuple(tensors)
     specs = tuple(TensorSpec.of(t) for t in tensors.values())
-    return shape_signature_from_specs(names, specs, statics, nested)
+    return shape_signature_from_specs(names, specs, statics, nested, input_values(kwargs, value_inputs))
 
 
 def shape_signature_from_specs(
     names: tuple[str, ...], specs: tuple[TensorSpec, ...], statics: Mapping[str, Any],
-    nested: Mapping[str, Any] | None = None,
+    nested: Mapping[str, Any] | None = None, values: Mapping[str, tuple] | None = None,
 ) -> tuple:
-    return (
+    signature = (
         tuple(sorted(zip(names, ((s.shape, s.dtype) for s in specs), strict=True))),
         tuple(sorted((k, _static_key(v)) for k, v in statics.items())),
         tuple(sorted((k, _static_key(v)) for k, v in (nested or {}).items())),
     )
+    return (*signature, tuple(sorted(values.items()))) if values else signature
 
 
 def _flatten_module(exported: torch.export.ExportedProgram, leaf_is_tensor: list[bool]) -> fx.GraphModule:
@@ -239,10 +251,12 @@ def capture(denoiser: torch.nn.Module, kwargs: Mapping[str, Any]) -> DenoiserGra
     family = type(denoiser).__name__
     # Keep the signature order of the original kwargs so the flat graph is stable across calls.
     ordered = dict(kwargs)
-    strategy = traits_for(denoiser).capture_strategy
+    traits = traits_for(denoiser)
+    strategy = traits.capture_strategy
     try:
         with torch.no_grad(), _no_traced_attribute_caches(denoiser), \
-                (strategy(denoiser, ordered) if strategy is not None else nullcontext()):
+                (strategy(denoiser, ordered) if strategy is not None else nullcontext()), \
+                (python_reads_from_eager_call(denoiser, ordered) if traits.value_inputs else nullcontext()):
             exported = torch.export.export(denoiser, (), ordered, strict=False)
     except Exception as error:  # noqa: BLE001 - any export failure becomes one clear message
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -266,6 +280,7 @@ def capture(denoiser: torch.nn.Module, kwargs: Mapping[str, Any]) -> DenoiserGra
         linear_sites=find_linear_sites(module),
         costs=graph_costs(module),
         nested_structure=nested,
+        input_values=input_values(ordered, traits.value_inputs),
     )
 
 
@@ -437,7 +452,7 @@ def capture_cached(denoiser: torch.nn.Module, kwargs: Mapping[str, Any]) -> Deno
     seen; replacing parameter objects needs a fresh :func:`capture`.
     """
     per_module = _CAPTURES.setdefault(denoiser, {})
-    key = shape_signature(kwargs)
+    key = shape_signature(kwargs, traits_for(denoiser).value_inputs)
     if key not in per_module:
         per_module[key] = capture(denoiser, kwargs)
     return per_module[key]

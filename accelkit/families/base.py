@@ -35,6 +35,10 @@ def _no_call_arguments(pipe: Any, generation: Mapping[str, Any]) -> dict[str, An
     return {}
 
 
+def _nothing_to_prepare(pipe: Any) -> None:
+    return None
+
+
 def binning_only_for(sample_sizes: tuple[int, ...]) -> CallArguments:
     """Call arguments turning resolution binning off for a denoiser ``sample_size`` without a bin table.
 
@@ -84,6 +88,11 @@ class FamilyTraits:
         media: ``"image"`` (latents ``(B, C, H, W)`` or packed tokens) or ``"video"`` (``(B, C, F, H, W)``).
         capture_strategy: context manager factory active around ``torch.export`` (patching a module
             export cannot trace, marking values dynamic); None captures as is.
+        prepare: called on a pipeline once it is loaded, for settings a saved folder cannot hold that
+            the pipeline needs to run at all (Allegro's VAE decodes only with tiling on).
+        value_inputs: tensor inputs whose values the denoiser reads into Python (Lumina2's caption
+            lengths from ``encoder_attention_mask``): the capture takes those numbers from an eager run
+            of the recorded call (:mod:`accelkit.capture.specialize`) and is valid for these values only.
         version: schema version of this record.
     """
 
@@ -103,6 +112,8 @@ class FamilyTraits:
     call_arguments: CallArguments = field(default=_no_call_arguments, repr=False)
     media: Literal["image", "video"] = "image"
     capture_strategy: CaptureStrategy | None = field(default=None, repr=False)
+    value_inputs: tuple[str, ...] = ()
+    prepare: Callable[[Any], None] = field(default=_nothing_to_prepare, repr=False)
     version: int = TRAITS_VERSION
 
     def __post_init__(self) -> None:

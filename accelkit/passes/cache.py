@@ -338,6 +338,10 @@ def profile_prior(calib: CalibrationSource, probe: Program, kind: str, max_inter
                     if t - k < 0 or t not in per_step or t - k not in per_step:
                         continue
                     now, before = per_step[t], per_step[t - k]
+                    if not now or not before:
+                        # A call that ran a program derived for other inputs writes no probe states
+                        # (Lumina2's negative prompt: a capture of its own caption length).
+                        continue
                     values = [measure(before[name], now[name]) for name in now]
                     prior[t, k] += float(np.mean(values))
                     counts[t, k] += 1

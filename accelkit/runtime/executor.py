@@ -14,7 +14,6 @@ from typing import Any
 import torch
 
 from accelkit.calibrate.source import StateObserver
-from accelkit.capture.graph import shape_signature
 from accelkit.errors import PlanMismatchError
 from accelkit.passes.base import Program
 from accelkit.runtime.family import ProgramFamily, StepSelection, describe_signature_mismatch
@@ -92,7 +91,7 @@ class ProgramExecutor(StepSelection):
     def check_inputs(self, kwargs: Mapping[str, Any]) -> Program:
         """The program for this call; without a family, other inputs than the plan's are refused."""
         if self.family is None:
-            if shape_signature(kwargs) != self._signature:
+            if self.program.graph.call_signature(kwargs) != self._signature:
                 raise PlanMismatchError(describe_signature_mismatch(self.program, kwargs))
             return self.program
         return self.current_program(kwargs)

@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-from accelkit.capture.graph import DenoiserGraph, shape_signature, split_call
+from accelkit.capture.graph import DenoiserGraph, split_call
+from accelkit.capture.specialize import input_values
 from accelkit.errors import InputError, PlanMismatchError
 from accelkit.passes.base import PassConfig, PassFailedError, Program, config_from_dict, run_passes
 from accelkit.runtime.rederive import cache_mask_for_steps, rescale_step_configs
@@ -95,6 +96,9 @@ def describe_signature_mismatch(program: Program, kwargs: Mapping[str, Any]) -> 
     for name, expected in program.graph.static_kwargs.items():
         if kwargs.get(name) != expected:
             differences.append(f"{name}={kwargs.get(name)!r}, the plan expects {expected!r}")
+    for name, expected in program.graph.input_values.items():
+        if name in tensors and input_values(kwargs, (name,)).get(name) != expected:
+            differences.append(f"the values of {name} differ from the ones the plan was captured for")
     extra = sorted(set(tensors) - set(program.graph.input_names))
     extra += sorted(set(kwargs) - set(tensors) - set(nested) - set(program.graph.static_kwargs))
     extra = [k for k in extra if kwargs.get(k) is not None]
@@ -143,7 +147,7 @@ class ProgramFamily:
 
     def for_call(self, kwargs: Mapping[str, Any], num_steps: int) -> Program:
         """The program for a denoiser call with these keyword arguments at ``num_steps`` steps."""
-        return self._get(shape_signature(kwargs), num_steps, kwargs)
+        return self._get(self.base.graph.call_signature(kwargs), num_steps, kwargs)
 
     def _get(self, signature: tuple, num_steps: int, kwargs: Mapping[str, Any] | None) -> Program:
         program = self._programs.get((signature, num_steps))

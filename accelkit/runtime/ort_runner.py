@@ -287,14 +287,13 @@ class ScheduleReplayRunner(StepSelection):
 
     def check_inputs(self, kwargs: Mapping[str, Any], variant: VariantMeta) -> None:
         """Refuse a call the exported models were not made for (shapes, dtypes, baked-in arguments)."""
-        from accelkit.capture.graph import shape_signature
         from accelkit.runtime.executor import describe_signature_mismatch
 
         program = self.meta.program
         static_batch = all(isinstance(d, int) for shape in variant.input_shapes for d in shape)
         if program is not None and static_batch and variant is self.variants.get(variant.name):
             # The same check as ProgramExecutor: one signature per plan.
-            if shape_signature(kwargs) != self._signature:
+            if program.graph.call_signature(kwargs) != self._signature:
                 raise PlanMismatchError(describe_signature_mismatch(program, kwargs))
             return
         problem = self.input_problem(kwargs, variant)
@@ -374,6 +373,9 @@ class OrtProgramRunner(ScheduleReplayRunner):
         self._sessions: dict[str, Any] = {}
         # Exports made at run time for other resolutions: (variants, folder) in the order made.
         self._extra_exports: list[Mapping[str, VariantMeta]] = []
+        # The input values each export (the plan's first) was specialized to; {} for most families.
+        self._export_values: list[dict[str, tuple]] = [
+            self.meta.program.graph.input_values if self.meta.program is not None else {}]
         self._export_root: tempfile.TemporaryDirectory | None = None
 
     def session(self, name: str, variant: VariantMeta | None = None) -> Any:
@@ -389,8 +391,12 @@ class OrtProgramRunner(ScheduleReplayRunner):
 
     def variants_for(self, kwargs: Mapping[str, Any]) -> Mapping[str, VariantMeta]:
         """The plan's export when the call fits it (any batch where it is dynamic), else one made for it."""
-        for variants in (self.variants, *self._extra_exports):
-            if self.input_problem(kwargs, next(iter(variants.values()))) is None:
+        from accelkit.capture.specialize import input_values
+
+        for variants, values in zip((self.variants, *self._extra_exports), self._export_values, strict=True):
+            # An export specialized to input values (Lumina2's caption lengths) serves only those values.
+            fits_values = input_values(kwargs, tuple(values)) == values
+            if fits_values and self.input_problem(kwargs, next(iter(variants.values()))) is None:
                 return variants
         if self.family is None or not self.family.derivable:
             return self.variants  # check_inputs names what does not fit
@@ -410,6 +416,7 @@ class OrtProgramRunner(ScheduleReplayRunner):
             meta = VariantMeta.from_manifest(entry)
             variants[meta.name] = dataclasses.replace(meta, file=str(folder / meta.file))
         self._extra_exports.append(variants)
+        self._export_values.append(program.graph.input_values)
         return variants
 
     def _feed_user(self, value: torch.Tensor, dtype: str) -> np.ndarray:

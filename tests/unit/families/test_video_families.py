@@ -28,6 +28,7 @@ _DENOISERS = {
     "hunyuan_video": "HunyuanVideoTransformer3DModel",
     "cogvideox": "CogVideoXTransformer3DModel",
     "mochi": "MochiTransformer3DModel",
+    "allegro": "AllegroTransformer3DModel",
 }
 
 
