@@ -55,6 +55,7 @@ from accelkit.export.lowerings import (
     translation_table,
 )
 from accelkit.export.onnx_optimizer import optimize_model
+from accelkit.export.operand_dtypes import cast_mixed_operands
 from accelkit.kernels.registry import load_builtin_ops, op_call
 from accelkit.passes.base import GraphVariant, Program
 
@@ -163,7 +164,8 @@ def _prepare_module(module: fx.GraphModule) -> fx.GraphModule:
 
     ``aten.squeeze.dim`` on a dimension whose size is not 1 is a no-op in PyTorch, but onnxscript's
     lowering (0.7) emits an ONNX ``Squeeze`` that onnxruntime rejects at load time (PixArt's
-    ``hidden_states.squeeze(1)`` after its caption projection).
+    ``hidden_states.squeeze(1)`` after its caption projection). Mixed operand dtypes that PyTorch
+    promotes but ONNX refuses get explicit casts (:mod:`accelkit.export.operand_dtypes`).
     """
     clone = clone_graph_module(module)
     graph = clone.graph
@@ -196,6 +198,7 @@ def _prepare_module(module: fx.GraphModule) -> fx.GraphModule:
             node.target = torch.ops.aten.squeeze.dims
             node.args = (source, keep)
     changed = _bool_masked_fill_as_logic(graph) or changed
+    changed = cast_mixed_operands(graph) or changed  # ONNX Einsum needs equal types: HiDream's rotary table
     if changed:
         graph.lint()
         clone.recompile()
