@@ -643,11 +643,18 @@ class _OnnxWriter:
         return stats
 
     def session(self) -> Any:
+        """An onnxruntime CPU session of the written model; a model it refuses to load is an export error."""
         import onnxruntime as ort
 
-        return ort.InferenceSession(
-            str(self.path), sess_options=onnxruntime_session_options(), providers=["CPUExecutionProvider"]
-        )
+        try:
+            return ort.InferenceSession(
+                str(self.path), sess_options=onnxruntime_session_options(), providers=["CPUExecutionProvider"]
+            )
+        except Exception as error:  # noqa: BLE001 - onnxruntime raises its own pybind Fail/InvalidGraph types
+            reason = _first_line(error).replace(f"{self.path}", self.path.name)
+            raise OnnxExportError(
+                f"onnxruntime refuses the exported model of variant '{self.call.name}': {reason}"
+            ) from error
 
     def compare(self, session: Any, rows: list[int] | None = None) -> dict[str, float]:
         """Relative error per output on the example arguments (only ``rows`` of the batch when given)."""
@@ -677,12 +684,12 @@ def _export_dynamic_batch(writer: _OnnxWriter, verify: bool) -> dict[str, Any]:
     if verify:
         # Denoiser rows are independent: batch 1 and batch + 1 (row 0 repeated) must give the
         # matching rows of the captured batch's output; a misplaced batch size would not.
-        session = writer.session()
-        for rows in ([0], [*range(call.batch), 0]):
-            try:
+        try:
+            session = writer.session()
+            for rows in ([0], [*range(call.batch), 0]):
                 writer.compare(session, rows)
-            except OnnxExportError as error:
-                raise _DynamicBatchFailed(str(error)) from error
+        except OnnxExportError as error:
+            raise _DynamicBatchFailed(str(error)) from error
     return stats
 
 
