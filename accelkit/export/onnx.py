@@ -55,6 +55,7 @@ from accelkit.export.lowerings import (
     translation_table,
 )
 from accelkit.export.onnx_optimizer import optimize_model
+from accelkit.export.operand_dtypes import cast_mixed_operands
 from accelkit.kernels.registry import load_builtin_ops, op_call
 from accelkit.passes.base import GraphVariant, Program
 
@@ -163,7 +164,8 @@ def _prepare_module(module: fx.GraphModule) -> fx.GraphModule:
 
     ``aten.squeeze.dim`` on a dimension whose size is not 1 is a no-op in PyTorch, but onnxscript's
     lowering (0.7) emits an ONNX ``Squeeze`` that onnxruntime rejects at load time (PixArt's
-    ``hidden_states.squeeze(1)`` after its caption projection).
+    ``hidden_states.squeeze(1)`` after its caption projection). Mixed operand dtypes that PyTorch
+    promotes but ONNX refuses get explicit casts (:mod:`accelkit.export.operand_dtypes`).
     """
     clone = clone_graph_module(module)
     graph = clone.graph
@@ -196,6 +198,7 @@ def _prepare_module(module: fx.GraphModule) -> fx.GraphModule:
             node.target = torch.ops.aten.squeeze.dims
             node.args = (source, keep)
     changed = _bool_masked_fill_as_logic(graph) or changed
+    changed = cast_mixed_operands(graph) or changed  # ONNX Einsum needs equal types: HiDream's rotary table
     if changed:
         graph.lint()
         clone.recompile()
@@ -640,11 +643,18 @@ class _OnnxWriter:
         return stats
 
     def session(self) -> Any:
+        """An onnxruntime CPU session of the written model; a model it refuses to load is an export error."""
         import onnxruntime as ort
 
-        return ort.InferenceSession(
-            str(self.path), sess_options=onnxruntime_session_options(), providers=["CPUExecutionProvider"]
-        )
+        try:
+            return ort.InferenceSession(
+                str(self.path), sess_options=onnxruntime_session_options(), providers=["CPUExecutionProvider"]
+            )
+        except Exception as error:  # noqa: BLE001 - onnxruntime raises its own pybind Fail/InvalidGraph types
+            reason = _first_line(error).replace(f"{self.path}", self.path.name)
+            raise OnnxExportError(
+                f"onnxruntime refuses the exported model of variant '{self.call.name}': {reason}"
+            ) from error
 
     def compare(self, session: Any, rows: list[int] | None = None) -> dict[str, float]:
         """Relative error per output on the example arguments (only ``rows`` of the batch when given)."""
@@ -674,12 +684,12 @@ def _export_dynamic_batch(writer: _OnnxWriter, verify: bool) -> dict[str, Any]:
     if verify:
         # Denoiser rows are independent: batch 1 and batch + 1 (row 0 repeated) must give the
         # matching rows of the captured batch's output; a misplaced batch size would not.
-        session = writer.session()
-        for rows in ([0], [*range(call.batch), 0]):
-            try:
+        try:
+            session = writer.session()
+            for rows in ([0], [*range(call.batch), 0]):
                 writer.compare(session, rows)
-            except OnnxExportError as error:
-                raise _DynamicBatchFailed(str(error)) from error
+        except OnnxExportError as error:
+            raise _DynamicBatchFailed(str(error)) from error
     return stats
 
 

@@ -5,12 +5,18 @@ slicing with counts read through ``.cpu().numpy()``, which ``torch.export`` cann
 not supported for tensor subclasses"); the counts change with every step's latents, so they cannot be
 fixed at capture either. While capturing, the routing runs densely: every expert on every token, weighted
 by the gate's weight for that expert (zero where the gate did not choose it), which is the same sum.
+
+Size: the pipeline rescales every request to the area of ``default_sample_size`` (128, hard-coded) latent
+pixels squared, the 1024 x 1024 of the released model, whatever the transformer was configured for. At
+load, that area becomes the transformer's own ``max_resolution`` (128 x 128 for the released model, so it
+is unchanged there); a smaller model, a tiny test one with 8 x 8, generates at its size, not at 1024 x 1024.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from math import isqrt
 from typing import Any
 
 import torch
@@ -45,6 +51,14 @@ def dense_expert_routing(denoiser: Any, kwargs: Mapping[str, Any]) -> Iterator[N
             del moe.moe_infer  # the instance attribute; the class method shows again
 
 
+def generate_at_the_transformers_resolution(pipe: Any) -> None:
+    """Set the pipeline's target area (``default_sample_size`` squared) to the transformer's ``max_resolution``."""
+    config = getattr(getattr(pipe, "transformer", None), "config", None)
+    height, width = getattr(config, "max_resolution", None) or (0, 0)
+    if height > 0 and width > 0 and hasattr(pipe, "default_sample_size"):
+        pipe.default_sample_size = isqrt(height * width)
+
+
 TRAITS = FamilyTraits(
     name="hidream",
     pipeline_classes=("HiDreamImagePipeline",),
@@ -54,4 +68,5 @@ TRAITS = FamilyTraits(
     text_token_inputs=("encoder_hidden_states_t5",),
     keep_16bit=("t_embedder", "p_embedder", "caption_projection", "final_layer"),
     capture_strategy=dense_expert_routing,
+    prepare=generate_at_the_transformers_resolution,
 )

@@ -316,3 +316,29 @@ def test_apply_onnx_runs_the_pipeline_like_pytorch(tmp_path):
     finally:
         onnx_pipe.restore()
     assert _rel(actual, expected) < 1e-3
+
+
+class _Scale(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
+        return (x * 2.0 + 1.0,)
+
+
+@pytest.mark.parametrize("dynamic_batch", [False, True])
+def test_a_model_onnxruntime_refuses_is_a_one_line_export_error(tmp_path, monkeypatch, dynamic_batch):
+    """onnxruntime's load failure (HiDream's float/double Einsum was one) names the variant and the reason."""
+    from onnxruntime.capi.onnxruntime_pybind11_state import Fail
+
+    reason = "Type Error: Type parameter (T) of Optype (Einsum) bound to different types"
+
+    def refuse(path, *args, **kwargs):
+        raise Fail(f"[ONNXRuntimeError] : 1 : FAIL : Load model from {path} failed:{reason}\nmore detail")
+
+    graph = capture(_Scale().eval(), {"x": torch.randn(2, 3)})
+    monkeypatch.setattr(ort, "InferenceSession", refuse)
+    out = tmp_path / "onnx"
+    with pytest.raises(OnnxExportError) as raised:
+        export_program_onnx(Program.from_graph(graph, 1), out, dynamic_batch=dynamic_batch)
+    message = str(raised.value)
+    assert message.startswith("onnxruntime refuses the exported model of variant 'full': ")
+    assert reason in message and "\n" not in message and ".tmp" not in message  # no temporary path
+    assert not out.exists()  # nothing half-written
