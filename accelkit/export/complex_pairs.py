@@ -362,6 +362,34 @@ _MOVES = {
 }  # fmt: skip
 
 
+def _gather(rewriter: _PairRewriter, node: fx.Node) -> tuple[fx.Node, bool]:
+    """``gather`` of a complex tensor: the index picks both parts, so it gets the pair dim too."""
+    named = _named(node)
+    rank = _rank(named["self"])
+    index = rewriter.call(aten.unsqueeze.default, rewriter.new(named["index"]), -1)
+    index = rewriter.call(aten.expand.default, index, [-1] * rank + [2])
+    return rewriter.call(aten.gather.default, rewriter.new(named["self"]), _normalized(named["dim"], rank),
+                         index), True
+
+
+def _new_complex(rewriter: _PairRewriter, node: fx.Node) -> tuple[fx.Node, bool]:
+    """``zeros``/``empty`` of a complex dtype: the same of its real dtype, with the pair dim."""
+    named = _named(node)
+    named["size"] = [*named["size"], 2]
+    named["dtype"] = _REAL_DTYPE.get(named.get("dtype"), named.get("dtype"))
+    return rewriter.call(node.target, **{k: rewriter.new(v) for k, v in named.items()}), True
+
+
+def _copy(rewriter: _PairRewriter, node: fx.Node) -> tuple[fx.Node, bool]:
+    """``copy_`` into a complex tensor (or a view of one, as Lumina2 fills its rotary table)."""
+    named = _named(node)
+    if not rewriter.is_pair(named["self"]):
+        raise OnnxExportError(f"cannot copy a complex value into a real tensor ({node.name})")
+    named["self"], named["src"] = rewriter.env[named["self"]], rewriter.promoted(named["src"])
+    return rewriter.call(node.target, **{k: rewriter.new(v) if k not in ("self", "src") else v
+                                         for k, v in named.items()}), True
+
+
 def _squeeze_all(rewriter: _PairRewriter, node: fx.Node) -> tuple[fx.Node, bool]:
     shape = _value(node.args[0]).shape
     dims = [d for d in range(len(shape)) if shape[d] == 1]
@@ -545,6 +573,10 @@ _RULES: dict[Any, Rule] = {
     aten.sub.Scalar: _add(-1),
     aten.where.self: _where,
     aten.squeeze.default: _squeeze_all,
+    aten.gather.default: _gather,
+    aten.zeros.default: _new_complex,
+    aten.empty.memory_format: _new_complex,
+    aten.copy_.default: _copy,
     aten.t.default: _t,
     aten.to.dtype: _convert,
     aten.to.dtype_layout: _convert,

@@ -80,7 +80,8 @@ def test_rotary_program_exports_and_matches_in_onnxruntime(tmp_path):
 class _Arithmetic(torch.nn.Module):
     """Complex arithmetic and element moves beyond the rotary pattern, each checked against PyTorch."""
 
-    def forward(self, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, keep: torch.Tensor):
+    def forward(self, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, keep: torch.Tensor,
+                order: torch.Tensor):
         z = torch.complex(a, b)  # (2, 3, 4)
         w = torch.polar(scale.abs() + 0.5, b)
         mixed = (z + w) * (z - 2.0) / (w + 1j) - z / scale + z * 3.0 - z.conj() * scale
@@ -88,6 +89,8 @@ class _Arithmetic(torch.nn.Module):
         moved = torch.flip(moved, dims=[-1]).roll(1, dims=1)
         picked = torch.where(keep.unsqueeze(-1), z, w)
         halves = torch.stack(z.chunk(2, dim=-1), dim=0).mean(dim=-1)
+        table = torch.zeros(2, 5, 4, dtype=torch.complex64)  # filled in place, as Lumina2 fills its rotary
+        table[:, :3] = z
         return (
             torch.view_as_real(moved),
             z.abs(),
@@ -96,6 +99,7 @@ class _Arithmetic(torch.nn.Module):
             picked.imag,
             torch.view_as_real(halves),
             torch.view_as_real(z.sum(dim=1)),
+            torch.view_as_real(torch.gather(table, -2, order)),  # Lumina2 gathers its rotary table
         )
 
 
@@ -106,6 +110,7 @@ def test_arithmetic_and_moves_match_pytorch():
         "b": torch.randn(2, 3, 4, generator=generator),
         "scale": torch.rand(2, 3, 4, generator=generator) + 0.5,
         "keep": torch.rand(2, 3, generator=generator) > 0.5,
+        "order": torch.randint(0, 5, (2, 5, 4), generator=generator),
     }
     graph = capture(_Arithmetic().eval(), kwargs)
     assert _complex_nodes(graph.module)
