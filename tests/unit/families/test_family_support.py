@@ -16,6 +16,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -397,7 +398,17 @@ def test_write_support_matrix():
         readme = README.read_text()
         start, end = readme.index(MARKERS[0]) + len(MARKERS[0]), readme.index(MARKERS[1])
         README.write_text(readme[:start] + "\n" + table + "\n" + readme[end:])
-    assert MATRIX_FILE.read_text().strip() == table
+    assert _works(MATRIX_FILE.read_text()) == _works(table), (
+        "docs/support-matrix.md disagrees with this sweep on what works (ACCELKIT_UPDATE_MATRIX=1 rewrites it):\n"
+        + table
+    )
+
+
+def _works(table: str) -> str:
+    """The matrix with each passing cell as "works": which of "yes" and "runs (fewer steps won)" a prune
+    search ends in depends on a validation gain near its noise (it flips between machines), while a
+    command that fails, or a family that stops working, must match the file exactly."""
+    return re.sub(r"\| (yes|runs \([^)]*\)) (?=\|)", "| works ", table.strip())
 
 
 def render_benchmarks(results: dict[str, dict]) -> str:
